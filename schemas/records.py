@@ -1,0 +1,185 @@
+"""Wire records exchanged over Kafka and HTTP.
+
+Every record carries ``schema_version`` on the wire. Records are msgspec Structs:
+decoding validates types and constraints in one pass (about 1.5 µs for an
+impression), which is what lets the ingest stage keep up with the broker. JSON
+Schema files under ``schemas/json/`` are generated from these classes
+(``adloop schemas --write``) so an exchange can validate before publishing.
+
+Unknown fields are ignored, so producers may add fields without breaking us;
+unknown *versions* are rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+# Identifiers end up in Kafka keys and URLs: keep them to a safe alphabet.
+Identifier = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]*$",
+        description="1-128 characters: letters, digits, and _ . : @ - (not first)",
+    ),
+]
+Timestamp = Annotated[
+    float,
+    msgspec.Meta(ge=0, le=4_102_444_800, description="event time, seconds since the Unix epoch"),
+]
+Probability = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Version = Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION, description="record schema version")]
+ContextValue = str | int | float | bool
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=300)]
+
+
+class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
+    schema_version: Version = SCHEMA_VERSION
+
+
+class Impression(Record, kw_only=True):
+    """One ad shown by the exchange. Keyed by impression_id on Kafka."""
+
+    impression_id: Identifier
+    timestamp: Timestamp
+    campaign: Identifier
+    audience: Identifier
+    placement: Identifier
+    creative_id: Identifier
+    propensity: Annotated[
+        Probability, msgspec.Meta(description="probability with which the creative was chosen")
+    ]
+    policy: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    context: Annotated[
+        dict[Annotated[str, msgspec.Meta(max_length=64)], ContextValue],
+        msgspec.Meta(max_length=64, description="context features (device, hour, ...)"),
+    ] = {}
+
+
+class Click(Record, kw_only=True):
+    """A click on an impression. Keyed by impression_id (co-partitioned with impressions)."""
+
+    impression_id: Identifier
+    timestamp: Timestamp
+
+
+class Conversion(Record, kw_only=True):
+    """A conversion attributed to an impression. Keyed by impression_id."""
+
+    impression_id: Identifier
+    timestamp: Timestamp
+    value: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
+
+
+CreativeStatus = Literal["active", "pending_review", "paused", "retired"]
+
+
+class Creative(Record, kw_only=True):
+    """An ad creative. Keyed by creative_id on the compacted creatives topic."""
+
+    creative_id: Identifier
+    campaign: Identifier
+    headline: Annotated[str, msgspec.Meta(min_length=1, max_length=90)]
+    description: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    audiences: Annotated[
+        list[Identifier],
+        msgspec.Meta(max_length=256, description="target audiences; empty = every audience"),
+    ] = []
+    origin: Literal["human", "generated"] = "human"
+    parent_id: Identifier | None = None
+    predicted_ctr: Probability | None = None
+    prior_strength: Annotated[float, msgspec.Meta(gt=0, le=1e6)] | None = None
+    status: CreativeStatus = "active"
+    created_at: Timestamp = 0.0
+
+    def targets(self, audience: str) -> bool:
+        return not self.audiences or audience in self.audiences
+
+
+class RankedCreative(msgspec.Struct, kw_only=True):
+    creative_id: str
+    impressions: int
+    clicks: int
+    conversions: int = 0
+    alpha: float
+    beta: float
+    mean: float
+    ci_low: float
+    ci_high: float
+    serving_probability: float
+
+
+class Decision(Record, kw_only=True):
+    """Ranked creatives for one campaign x audience. Compacted topic, key 'campaign|audience'."""
+
+    campaign: str
+    audience: str
+    best_creative_id: str | None
+    creatives: list[RankedCreative]
+    impressions: int
+    clicks: int
+    updated_at: float
+    policy: str = "thompson"
+
+
+class DeadLetter(Record, kw_only=True):
+    """A message adloop refused, with the reason. Identified by its source coordinates."""
+
+    topic: str
+    partition: int
+    offset: int
+    key_b64: str | None
+    original_b64: str
+    reason_code: str
+    reason: str
+    failed_at: float
+
+
+class CreativeCounts(msgspec.Struct, array_like=True):
+    impressions: int = 0
+    clicks: int = 0
+    conversions: int = 0
+    conversion_value: float = 0.0
+
+
+class OutcomeSnapshot(Record, kw_only=True):
+    """Internal: cumulative counts for one campaign x audience from one source partition.
+
+    The ingest stage publishes the *whole* cumulative state for the key each time
+    it changes, never a delta: applying a snapshot twice, or an older one before
+    a newer one, leaves the posterior exact once the newest has arrived.
+    """
+
+    campaign: str
+    audience: str
+    source_partition: int
+    # counts[creative_id][placement]
+    counts: dict[str, dict[str, CreativeCounts]]
+    emitted_at: float
+    # Event time of the newest event in this snapshot, for latency measurement.
+    last_event_at: float = 0.0
+
+
+RECORD_TYPES: dict[str, type[msgspec.Struct]] = {
+    "impression": Impression,
+    "click": Click,
+    "conversion": Conversion,
+    "creative": Creative,
+    "decision": Decision,
+    "dead_letter": DeadLetter,
+}
+
+
+def decision_key(campaign: str, audience: str) -> str:
+    # '|' cannot occur in an Identifier, so the key splits back unambiguously.
+    return f"{campaign}|{audience}"
+
+
+def split_decision_key(key: str) -> tuple[str, str]:
+    campaign, _, audience = key.partition("|")
+    return campaign, audience

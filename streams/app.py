@@ -1,0 +1,163 @@
+"""The Faust worker: the posterior table and the decisions it publishes.
+
+The agent iterates *outcome snapshots* from the ingest stage (one message per
+campaign x audience x source partition per flush), not raw events: that keeps
+Faust's per-message cost off the hot path. The table value is the latest
+snapshot per source partition (``PosteriorState``), stored in RocksDB
+(rocksdict) with a changelog topic, so a restarted or moved worker resumes
+with exactly the same counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+import msgspec
+import numpy as np
+
+from schemas import Creative, OutcomeSnapshot, split_decision_key
+from streams.config import Settings
+from streams.posterior import PosteriorState, build_decision, decode_state, encode_state
+from streams.registry import CreativeRegistry, RegistryFollower
+
+log = logging.getLogger("adloop.worker")
+
+
+def _faust_credentials(settings: Settings) -> Any:
+    if settings.sasl_mechanism:
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=settings.kafka_client_kwargs().get("ssl_context"),
+        )
+    if settings.security_protocol == "SSL":
+        return faust.SSLCredentials(settings.kafka_client_kwargs()["ssl_context"])
+    return None
+
+
+def faust_settings(settings: Settings) -> dict[str, Any]:
+    """faust.App keyword arguments derived from our Settings (pass-through last)."""
+    conf: dict[str, Any] = {
+        "broker": ";".join(f"kafka://{h}" for h in settings.bootstrap_servers.split(",")),
+        "store": "rocksdb://",
+        "datadir": str(settings.data_dir / "worker"),
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "consumer_auto_offset_reset": "earliest",
+        "producer_acks": -1,
+        "web_enabled": settings.worker_web_port > 0,
+        "web_port": settings.worker_web_port or 6066,
+        "web_host": settings.api_host,
+        "stream_recovery_delay": 0.0,
+        "topic_allow_declare": True,
+    }
+    credentials = _faust_credentials(settings)
+    if credentials is not None:
+        conf["broker_credentials"] = credentials
+    if settings.session_timeout_s:
+        conf["broker_session_timeout"] = settings.session_timeout_s
+        conf["broker_heartbeat_interval"] = settings.heartbeat_interval_s or 0.5
+        conf["broker_rebalance_timeout"] = max(settings.session_timeout_s, 5.0)
+    conf.update(settings.faust_options)
+    return conf
+
+
+class PosteriorWorker:
+    """Builds the Faust app: topics, the posterior table, the agent, the registry task."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CreativeRegistry()
+        self.rng = np.random.default_rng()
+        self.app = faust.App(settings.group_id("worker"), **faust_settings(settings))
+        self.outcomes = self.app.topic(
+            settings.topic("outcomes"),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+        self.decisions = self.app.topic(
+            settings.topic("decisions"),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+        # bytes key/value types make Faust store and changelog them raw: we encode
+        # PosteriorState with msgpack ourselves.
+        self.posteriors = self.app.Table(
+            "posteriors", default=None, key_type=bytes, value_type=bytes,
+            partitions=settings.partitions,
+        )
+        self._snapshot_decoder = msgspec.json.Decoder(OutcomeSnapshot)
+        self._json = msgspec.json.Encoder()
+        self.applied = 0
+        self.registry_ready = asyncio.Event()
+        # Decisions for a key are computed and enqueued under this lock, so a
+        # republish triggered by a creative change never lands after (and
+        # overwrites) a newer decision from the agent.
+        self._publish_lock = asyncio.Lock()
+        self.app.agent(self.outcomes, name="apply-outcomes")(self._apply_outcomes)
+        self.app.task(self._follow_registry)
+
+    def decision_bytes(self, key: str, state: PosteriorState) -> bytes:
+        campaign, audience = split_decision_key(key)
+        decision = build_decision(
+            campaign,
+            audience,
+            state,
+            self.registry.servable(campaign, audience),
+            self.registry.creatives,
+            self.rng,
+            time.time(),
+            exploration_floor=self.settings.exploration_floor,
+            draws=self.settings.selection_draws,
+        )
+        return self._json.encode(decision)
+
+    async def _apply_outcomes(self, stream: Any) -> Any:
+        # Decisions list the registered creatives: know them before the first one.
+        await self.registry_ready.wait()
+        async for event in stream.events():
+            key = event.key
+            snapshot = self._snapshot_decoder.decode(event.value)
+            state = decode_state(self.posteriors.get(key))
+            state.apply(snapshot)
+            self.posteriors[key] = encode_state(state)
+            self.applied += 1
+            async with self._publish_lock:
+                value = self.decision_bytes(key.decode(), state)
+                await self.decisions.send(key=key, value=value)
+
+    async def _follow_registry(self) -> None:
+        follower = RegistryFollower(self.settings, self.registry, on_change=self._on_creative)
+        await follower.start()
+        try:
+            await follower.caught_up.wait()
+            self.registry_ready.set()
+            # Faust cancels app tasks at shutdown; until then the follower runs.
+            await asyncio.Event().wait()
+        finally:
+            await follower.stop()
+
+    def _on_creative(self, creative: Creative) -> None:
+        if self.registry_ready.is_set():
+            self.app.loop.create_task(self._republish(creative.campaign))
+
+    async def _republish(self, campaign: str) -> None:
+        """A creative changed: republish the decisions of its campaign held here."""
+        prefix = f"{campaign}|".encode()
+        async with self._publish_lock:
+            for key, raw in list(self.posteriors.items()):
+                if key.startswith(prefix):
+                    value = self.decision_bytes(key.decode(), decode_state(raw))
+                    await self.decisions.send(key=key, value=value)
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    worker = PosteriorWorker(settings)
+    faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()

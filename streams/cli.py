@@ -1,0 +1,216 @@
+"""The ``adloop`` command line.
+
+Every flag maps onto a field of the one Settings object (flags win over
+``ADLOOP_*`` variables). Without ``--broker``/``ADLOOP_BROKER``, commands that
+need Kafka start the embedded broker and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from streams.config import Settings, load_settings
+from streams.logs import configure_logging
+
+log = logging.getLogger("adloop.cli")
+
+
+def _settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--broker", help="kafka://host:port[,host:port] (default: embedded)"),
+        click.option("--topic-prefix", help="prefix of every adloop topic (default adloop.)"),
+        click.option("--partitions", type=int, help="partitions of the event topics"),
+        click.option("--data-dir", type=click.Path(path_type=Path), help="local state dir"),
+        click.option("--api-port", type=int, help="serving API port (default 8080)"),
+        click.option("--attribution-window-s", type=float, help="click attribution window"),
+        click.option("--log-level", default=None, help="DEBUG, INFO, WARNING"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(**flags: Any) -> Settings:
+    configure_logging(flags.pop("log_level", None))
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        raise click.UsageError(f"invalid configuration:\n{exc}") from None
+
+
+@contextlib.contextmanager
+def _broker(settings: Settings) -> Iterator[Settings]:
+    """Settings with a reachable broker and adloop's topics created."""
+    from streams.broker import ensure_broker
+    from streams.topics import ensure_topics_sync
+
+    settings, embedded = ensure_broker(settings)
+    try:
+        ensure_topics_sync(settings)
+        yield settings
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@click.group()
+def main() -> None:
+    """adloop: real-time streaming optimizer for ad creatives."""
+
+
+@main.command()
+@_settings_options
+def broker(**flags: Any) -> None:
+    """Run the embedded Kafka-compatible broker in the foreground (Ctrl-C stops it)."""
+    settings = _load(**flags)
+    import signal
+    import threading
+
+    with _broker(settings) as live:
+        click.echo(f"broker ready: export ADLOOP_BROKER={live.broker}")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+
+
+@main.command()
+@_settings_options
+def topics(**flags: Any) -> None:
+    """Create adloop's topics on the configured broker (idempotent)."""
+    settings = _load(**flags)
+    if not settings.broker:
+        raise click.UsageError(
+            "set --broker or ADLOOP_BROKER: topics on an embedded broker vanish when it stops"
+        )
+    from streams.topics import ensure_topics_sync
+
+    ensure_topics_sync(settings)
+    click.echo("topics ready")
+
+
+def _needs_broker(settings: Settings, role: str) -> None:
+    if not settings.broker:
+        raise click.UsageError(
+            f"adloop {role} joins a running deployment: set --broker/ADLOOP_BROKER "
+            "(or use `adloop up`, which starts everything, embedded broker included)"
+        )
+
+
+@main.command()
+@_settings_options
+def ingest(**flags: Any) -> None:
+    """Run the ingest stage: validate, join and pre-aggregate exchange events."""
+    settings = _load(**flags)
+    _needs_broker(settings, "ingest")
+    from streams.ingest import run_ingest
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    asyncio.run(run_ingest(settings))
+
+
+@main.command()
+@_settings_options
+def worker(**flags: Any) -> None:
+    """Run the Faust worker: posterior table and decisions."""
+    settings = _load(**flags)
+    _needs_broker(settings, "worker")
+    from streams.app import run_worker
+
+    sys.argv = [sys.argv[0], "worker"]  # Faust's Worker parses argv
+    run_worker(settings)
+
+
+@main.command()
+@_settings_options
+def serve(**flags: Any) -> None:
+    """Run the serving API (select, best creative, creative registration)."""
+    settings = _load(**flags)
+    _needs_broker(settings, "serve")
+    from streams.serving import run_serving
+
+    run_serving(settings)
+
+
+@main.command()
+@_settings_options
+def up(**flags: Any) -> None:
+    """Start everything: broker (embedded unless configured), ingest, worker, serving API."""
+    settings = _load(**flags)
+    import time
+
+    from streams.supervisor import Supervisor
+
+    with _broker(settings) as live, Supervisor(live) as sup:
+        sup.wait_http_ready()
+        click.echo(
+            f"adloop up: broker {live.broker}, API http://{live.api_host}:{live.api_port}, "
+            f"logs in {sup.log_dir}. Ctrl-C stops everything."
+        )
+        try:
+            while True:
+                sup.check()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            click.echo("stopping…")
+
+
+@main.command()
+@_settings_options
+@click.option(
+    "--events",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="impressions the simulated exchange sends before the summary",
+)
+@click.option(
+    "--rate", type=float, default=2000.0, show_default=True, help="impressions per second"
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--no-live", is_flag=True, help="no live console view (for logs/CI)")
+def demo(events: int, rate: float, seed: int, no_live: bool, **flags: Any) -> None:
+    """The main job: embedded broker + adloop + a simulated exchange, with a live view."""
+    settings = _load(**flags)
+    from streams.demo import run_demo
+
+    with _broker(settings) as live:
+        summary = run_demo(live, events=events, rate=rate, seed=seed, live_view=not no_live)
+    sys.exit(0 if summary.ok else 1)
+
+
+@main.command()
+@click.option("--write", is_flag=True, help="regenerate the committed files")
+def schemas(write: bool) -> None:
+    """Check (or --write) the JSON Schema and OpenAPI files generated from the code."""
+    from schemas.jsonschema import stale_files, write_all
+    from streams.openapi import stale as openapi_stale
+    from streams.openapi import write as openapi_write
+
+    if write:
+        for path in write_all():
+            click.echo(f"wrote {path}")
+        click.echo(f"wrote {openapi_write()}")
+        return
+    stale = stale_files() + openapi_stale()
+    if stale:
+        raise click.ClickException(f"out of date: {stale}; run `adloop schemas --write`")
+    click.echo("schemas up to date")
+
+
+if __name__ == "__main__":
+    main()

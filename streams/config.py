@@ -1,0 +1,153 @@
+"""One configuration object for every adloop process.
+
+Values come from, in increasing precedence: defaults, ``ADLOOP_*`` environment
+variables, and CLI flags (the CLI passes them as keyword overrides). Kafka client
+settings that adloop does not model itself pass through untouched via
+``ADLOOP_KAFKA_OPTIONS`` (a JSON object of aiokafka/kafka-python keyword
+arguments) so every setting a production cluster needs can be given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TopicRole = Literal[
+    "impressions", "clicks", "conversions", "creatives", "decisions", "dead_letter", "outcomes"
+]
+TOPIC_ROLES: tuple[TopicRole, ...] = (
+    "impressions",
+    "clicks",
+    "conversions",
+    "creatives",
+    "decisions",
+    "dead_letter",
+    "outcomes",
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    # --- Kafka ---------------------------------------------------------------
+    broker: str | None = Field(
+        default=None,
+        description="kafka://host:port[,host:port]; unset = start the embedded broker",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    kafka_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra aiokafka/kafka-python client kwargs, JSON in ADLOOP_KAFKA_OPTIONS",
+    )
+    faust_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra faust.App settings, JSON in ADLOOP_FAUST_OPTIONS",
+    )
+    topic_prefix: str = "adloop."
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # Faust defaults (30 s session) make a fresh consumer group wait 15 s on its
+    # first join; on the embedded broker we use short timeouts instead.
+    session_timeout_s: float | None = None
+    heartbeat_interval_s: float | None = None
+
+    # --- Processing ------------------------------------------------------------
+    app_id: str = "adloop"
+    data_dir: Path = Path(".adloop")
+    attribution_window_s: float = Field(default=3600.0, gt=0)
+    # A click may overtake its impression (different producers, retries). It is
+    # parked this long (event time of the partition, or wall time when the
+    # partition is idle) before it is dead-lettered as "unknown impression".
+    click_wait_s: float = Field(default=30.0, ge=0)
+    max_payload_bytes: int = Field(default=16_384, gt=0)
+    # Ingest batches: at most this many events / this many ms before a flush.
+    ingest_batch_max_events: int = Field(default=20_000, gt=0)
+    ingest_batch_max_ms: int = Field(default=20, ge=1)
+
+    # --- HTTP ------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    worker_web_port: int = 6066
+
+    # --- Serving policy ----------------------------------------------------------------
+    # Share of traffic spread uniformly over servable creatives, so every logged
+    # propensity stays positive (needed for off-policy evaluation).
+    exploration_floor: float = Field(default=0.01, ge=0, lt=1)
+    selection_draws: int = Field(default=4000, ge=100)
+
+    @field_validator("kafka_options", "faust_options", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"ADLOOP_KAFKA_OPTIONS must be a JSON object, e.g. "
+                    f"'{{\"request_timeout_ms\": 30000}}': {exc}"
+                ) from exc
+        return value
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for part in value.split(","):
+            host = part.removeprefix("kafka://")
+            if ":" not in host:
+                raise ValueError(f"broker {value!r}: expected kafka://host:port[,host:port]")
+        return value
+
+    # --- derived -----------------------------------------------------------------
+    def group_id(self, role: str) -> str:
+        """Consumer group / Faust app id, namespaced by the topic prefix."""
+        return f"{self.topic_prefix}{self.app_id}-{role}"
+
+    def topic(self, role: TopicRole) -> str:
+        return f"{self.topic_prefix}{role.replace('_', '-')}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if not self.broker:
+            raise RuntimeError("no broker configured: start the embedded broker first")
+        return ",".join(p.removeprefix("kafka://") for p in self.broker.split(","))
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by every aiokafka / kafka-python client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+        kwargs.update(self.kafka_options)
+        return kwargs
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_copy(update=clean) if clean else self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Environment first, then explicit overrides (CLI flags)."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)

@@ -1,0 +1,143 @@
+"""The serving API's OpenAPI document, generated from the request/response types.
+
+``streams/openapi.json`` is committed (``adloop schemas --write``); a test checks
+it matches both this generator and the routes the app really serves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas import Creative, Decision
+from streams.serving import (
+    BestResponse,
+    CreativeList,
+    ErrorResponse,
+    Health,
+    SelectRequest,
+    SelectResponse,
+)
+
+OPENAPI_PATH = Path(__file__).parent / "openapi.json"
+
+_CAMPAIGN = {"name": "campaign", "in": "path", "required": True, "schema": {"type": "string"}}
+_AUDIENCE = {"name": "audience", "in": "path", "required": True, "schema": {"type": "string"}}
+
+# (method, path, summary, request type, {status: (description, type)}, path params)
+ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list[dict]]] = [
+    ("get", "/healthz", "Liveness and what the server knows", None, {200: ("ok", Health)}, []),
+    (
+        "post",
+        "/v1/select",
+        "Thompson-sample a creative; returns a fresh impression_id and its propensity to log",
+        SelectRequest,
+        {
+            200: ("the creative to show", SelectResponse),
+            400: ("invalid request body", ErrorResponse),
+            404: ("unknown campaign, or no active creative for the audience", ErrorResponse),
+        },
+        [],
+    ),
+    (
+        "post",
+        "/v1/creatives",
+        "Register (or update) a human-written creative",
+        Creative,
+        {
+            201: ("registered", Creative),
+            400: ("invalid creative", ErrorResponse),
+            409: ("creative_id belongs to another campaign", ErrorResponse),
+        },
+        [],
+    ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/creatives",
+        "A campaign's creatives",
+        None,
+        {200: ("creatives", CreativeList), 404: ("unknown campaign", ErrorResponse)},
+        [_CAMPAIGN],
+    ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/audiences/{audience}/best",
+        "Current best creative with posterior mean, 95% credible interval and counts",
+        None,
+        {
+            200: ("best creative", BestResponse),
+            404: ("unknown campaign or audience without traffic", ErrorResponse),
+        },
+        [_CAMPAIGN, _AUDIENCE],
+    ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/audiences/{audience}/decision",
+        "The full ranked decision (as on the decisions topic)",
+        None,
+        {
+            200: ("decision", Decision),
+            404: ("unknown campaign or audience without traffic", ErrorResponse),
+        },
+        [_CAMPAIGN, _AUDIENCE],
+    ),
+]
+
+
+def build() -> dict[str, Any]:
+    types: list[Any] = []
+    for _, _, _, request, responses, _ in ROUTES:
+        if request is not None:
+            types.append(request)
+        types.extend(t for _, t in responses.values())
+    unique = list(dict.fromkeys(types))
+    schemas, components = msgspec.json.schema_components(
+        unique, ref_template="#/components/schemas/{name}"
+    )
+    ref = dict(zip(unique, schemas, strict=True))
+    paths: dict[str, Any] = {}
+    for method, path, summary, request, responses, params in ROUTES:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "responses": {
+                str(status): {
+                    "description": description,
+                    "content": {"application/json": {"schema": ref[rtype]}},
+                }
+                for status, (description, rtype) in responses.items()
+            },
+        }
+        if params:
+            operation["parameters"] = params
+        if request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref[request]}},
+            }
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "adloop serving API",
+            "version": "1",
+            "description": "Which creative to show, and creative registration.",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def write(path: Path = OPENAPI_PATH) -> Path:
+    path.write_text(render())
+    return path
+
+
+def stale(path: Path = OPENAPI_PATH) -> list[str]:
+    return [] if path.exists() and path.read_text() == render() else [path.name]

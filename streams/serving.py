@@ -1,0 +1,403 @@
+"""The serving API: which creative to show, and creative registration.
+
+A stateless process: it follows the compacted decisions and creatives topics
+(every partition, from the beginning) and answers from memory, so it scales
+out independently of the stream workers and never waits on a rebalance.
+
+``POST /v1/select`` draws from the Thompson serving probabilities of the
+latest decision (with an exploration floor), so the propensity it returns is
+the exact probability with which the creative was chosen — what off-policy
+evaluation needs in the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from bandit import BetaArms
+from schemas import Creative, Decision, RecordDecoder, decision_key
+from schemas.records import ContextValue, Identifier
+from schemas.validation import InvalidRecord
+from streams.config import Settings
+from streams.kafka import consumer_kwargs, producer_kwargs
+from streams.posterior import prior_for, with_exploration_floor
+from streams.registry import CreativeRegistry, RegistryFollower
+
+log = logging.getLogger("adloop.serve")
+
+
+class SelectRequest(msgspec.Struct, kw_only=True):
+    campaign: Identifier
+    audience: Identifier
+    placement: Identifier = "default"
+    context: dict[Annotated[str, msgspec.Meta(max_length=64)], ContextValue] = {}
+
+
+class SelectResponse(msgspec.Struct, kw_only=True):
+    impression_id: str
+    campaign: str
+    audience: str
+    placement: str
+    creative_id: str
+    headline: str
+    description: str
+    propensity: float
+    policy: str
+    cold_start: bool
+    decided_at: float
+
+
+class BestResponse(msgspec.Struct, kw_only=True):
+    campaign: str
+    audience: str
+    creative: Creative
+    mean: float
+    ci_low: float
+    ci_high: float
+    impressions: int
+    clicks: int
+    serving_probability: float
+    updated_at: float
+
+
+class CreativeList(msgspec.Struct, kw_only=True):
+    campaign: str
+    creatives: list[Creative]
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    error: str
+    message: str
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    creatives: int
+    decisions: int
+
+
+_json = msgspec.json.Encoder()
+
+
+def _respond(body: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(body), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _respond(ErrorResponse(error=code, message=message), status)
+
+
+@dataclass
+class _Selection:
+    version: tuple[int, float]
+    creatives: list[Creative]
+    cumulative: np.ndarray
+    probabilities: np.ndarray
+    cold_start: bool
+
+
+class DecisionFollower:
+    """Keeps the latest Decision per campaign x audience from the compacted topic."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.decisions: dict[str, Decision] = {}
+        self.caught_up = asyncio.Event()
+        self._decoder = msgspec.json.Decoder(Decision)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        topic = self.settings.topic("decisions")
+        self._consumer = AIOKafkaConsumer(
+            **consumer_kwargs(self.settings, group_id=None, fetch_max_wait_ms=5)
+        )
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(topic) or range(self.settings.partitions)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        end = await self._consumer.end_offsets(tps)
+        self._task = asyncio.create_task(self._run({tp: o for tp, o in end.items() if o > 0}))
+
+    async def _run(self, remaining: dict[TopicPartition, int]) -> None:
+        assert self._consumer is not None
+        if not remaining:
+            self.caught_up.set()
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=100)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.value is not None and record.key is not None:
+                        try:
+                            self.decisions[record.key.decode()] = self._decoder.decode(record.value)
+                        except msgspec.MsgspecError as exc:
+                            log.warning("skipping invalid decision: %s", exc)
+                    if tp in remaining and record.offset + 1 >= remaining[tp]:
+                        del remaining[tp]
+            if not remaining:
+                self.caught_up.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+class ServingApi:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CreativeRegistry()
+        self.registry_follower = RegistryFollower(settings, self.registry)
+        self.decision_follower = DecisionFollower(settings)
+        self.rng = np.random.default_rng()
+        self._selections: dict[str, _Selection] = {}
+        self._producer: AIOKafkaProducer | None = None
+        self._select_decoder = msgspec.json.Decoder(SelectRequest)
+        self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
+        self.selects = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**producer_kwargs(self.settings, acks="all"))
+        await self._producer.start()
+        await self.registry_follower.start()
+        await self.decision_follower.start()
+        await self.registry_follower.wait_caught_up()
+        await asyncio.wait_for(self.decision_follower.caught_up.wait(), 30)
+
+    async def stop(self) -> None:
+        await self.decision_follower.stop()
+        await self.registry_follower.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    def web_app(self) -> web.Application:
+        app = web.Application(middlewares=[_error_middleware], client_max_size=1024 * 1024)
+        app.add_routes(
+            [
+                web.get("/healthz", self.health),
+                web.post("/v1/select", self.select),
+                web.post("/v1/creatives", self.register_creative),
+                web.get("/v1/campaigns/{campaign}/creatives", self.list_creatives),
+                web.get("/v1/campaigns/{campaign}/audiences/{audience}/best", self.best),
+                web.get("/v1/campaigns/{campaign}/audiences/{audience}/decision", self.decision),
+            ]
+        )
+
+        async def on_startup(_: web.Application) -> None:
+            await self.start()
+
+        async def on_cleanup(_: web.Application) -> None:
+            await self.stop()
+
+        app.on_startup.append(on_startup)
+        app.on_cleanup.append(on_cleanup)
+        return app
+
+    # -- selection -----------------------------------------------------------------
+    def selection(self, campaign: str, audience: str) -> _Selection | None:
+        key = decision_key(campaign, audience)
+        decision = self.decision_follower.decisions.get(key)
+        version = (self.registry.version, decision.updated_at if decision else 0.0)
+        cached = self._selections.get(key)
+        if cached is not None and cached.version == version:
+            return cached
+        creatives = self.registry.servable(campaign, audience)
+        if not creatives:
+            return None
+        stats = {c.creative_id: c for c in decision.creatives} if decision else {}
+        arms = BetaArms.empty()
+        for creative in creatives:
+            arms.add_arm(creative.creative_id, prior_for(creative))
+            row = stats.get(creative.creative_id)
+            if row is not None:
+                arms.set_counts(creative.creative_id, row.impressions, row.clicks)
+        probabilities = with_exploration_floor(
+            arms.selection_probabilities(self.rng, draws=self.settings.selection_draws),
+            self.settings.exploration_floor,
+        )
+        cumulative = np.cumsum(probabilities)
+        cumulative[-1] = 1.0
+        cached = _Selection(version, creatives, cumulative, probabilities, decision is None)
+        self._selections[key] = cached
+        return cached
+
+    async def select(self, request: web.Request) -> web.Response:
+        try:
+            body = self._select_decoder.decode(await request.read())
+        except msgspec.MsgspecError as exc:
+            return _error(400, "invalid_request", f"select body: {exc}")
+        if not self.registry.has_campaign(body.campaign):
+            return _error(
+                404,
+                "unknown_campaign",
+                f"campaign {body.campaign!r} has no registered creatives; "
+                "register some with POST /v1/creatives",
+            )
+        chosen = self.selection(body.campaign, body.audience)
+        if chosen is None:
+            return _error(
+                404,
+                "no_servable_creative",
+                f"campaign {body.campaign!r} has no active creative for audience {body.audience!r}",
+            )
+        index = int(np.searchsorted(chosen.cumulative, self.rng.random(), side="right"))
+        index = min(index, len(chosen.creatives) - 1)
+        creative = chosen.creatives[index]
+        self.selects += 1
+        return _respond(
+            SelectResponse(
+                impression_id=uuid.uuid4().hex,
+                campaign=body.campaign,
+                audience=body.audience,
+                placement=body.placement,
+                creative_id=creative.creative_id,
+                headline=creative.headline,
+                description=creative.description,
+                propensity=float(chosen.probabilities[index]),
+                policy="thompson",
+                cold_start=chosen.cold_start,
+                decided_at=time.time(),
+            )
+        )
+
+    # -- reads --------------------------------------------------------------------------
+    def _decision_or_error(self, request: web.Request) -> Decision | web.Response:
+        campaign = request.match_info["campaign"]
+        audience = request.match_info["audience"]
+        if not self.registry.has_campaign(campaign):
+            return _error(404, "unknown_campaign", f"campaign {campaign!r} is not known")
+        decision = self.decision_follower.decisions.get(decision_key(campaign, audience))
+        if decision is None:
+            known = sorted(
+                k.split("|", 1)[1]
+                for k in self.decision_follower.decisions
+                if k.startswith(f"{campaign}|")
+            )
+            return _error(
+                404,
+                "unknown_audience",
+                f"no traffic yet for audience {audience!r} of campaign {campaign!r}; "
+                f"audiences with traffic: {known}",
+            )
+        return decision
+
+    async def decision(self, request: web.Request) -> web.Response:
+        found = self._decision_or_error(request)
+        return found if isinstance(found, web.Response) else _respond(found)
+
+    async def best(self, request: web.Request) -> web.Response:
+        found = self._decision_or_error(request)
+        if isinstance(found, web.Response):
+            return found
+        decision = found
+        row = next(
+            (
+                r
+                for r in decision.creatives
+                if r.serving_probability > 0 and self.registry.get(r.creative_id) is not None
+            ),
+            None,
+        )
+        if row is None:
+            return _error(
+                404,
+                "no_servable_creative",
+                f"no active creative for {decision.campaign}/{decision.audience}",
+            )
+        creative = self.registry.get(row.creative_id)
+        assert creative is not None
+        return _respond(
+            BestResponse(
+                campaign=decision.campaign,
+                audience=decision.audience,
+                creative=creative,
+                mean=row.mean,
+                ci_low=row.ci_low,
+                ci_high=row.ci_high,
+                impressions=row.impressions,
+                clicks=row.clicks,
+                serving_probability=row.serving_probability,
+                updated_at=decision.updated_at,
+            )
+        )
+
+    async def list_creatives(self, request: web.Request) -> web.Response:
+        campaign = request.match_info["campaign"]
+        if not self.registry.has_campaign(campaign):
+            return _error(404, "unknown_campaign", f"campaign {campaign!r} is not known")
+        creatives = sorted(self.registry.campaign_creatives(campaign), key=lambda c: c.creative_id)
+        return _respond(CreativeList(campaign=campaign, creatives=creatives))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _respond(
+            Health(
+                status="ok",
+                creatives=len(self.registry.creatives),
+                decisions=len(self.decision_follower.decisions),
+            )
+        )
+
+    # -- writes -----------------------------------------------------------------------
+    async def register_creative(self, request: web.Request) -> web.Response:
+        try:
+            creative = self._creative_decoder.decode(await request.read())
+        except InvalidRecord as exc:
+            return _error(400, exc.code, exc.reason)
+        existing = self.registry.get(creative.creative_id)
+        if existing is not None and existing.campaign != creative.campaign:
+            return _error(
+                409,
+                "creative_id_taken",
+                f"creative {creative.creative_id!r} belongs to campaign "
+                f"{existing.campaign!r}; choose another id",
+            )
+        if not creative.created_at:
+            creative = msgspec.structs.replace(creative, created_at=time.time())
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            self.settings.topic("creatives"),
+            _json.encode(creative),
+            key=creative.creative_id.encode(),
+        )
+        # Read-your-writes: the follower will apply the same record again.
+        self.registry.put(creative)
+        return _respond(creative, 201)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(
+                exc.status,
+                exc.reason.lower().replace(" ", "_"),
+                f"{request.method} {request.path}: {exc.reason}",
+            )
+        raise
+    except Exception:  # never a stack trace to the client; it goes to the log
+        log.exception("unhandled error", extra={"path": request.path})
+        return _error(500, "internal_error", "internal error; see the adloop serve log")
+
+
+def run_serving(settings: Settings) -> None:
+    api = ServingApi(settings)
+    log.info("serving API on http://%s:%d", settings.api_host, settings.api_port)
+    web.run_app(
+        api.web_app(), host=settings.api_host, port=settings.api_port, print=None, access_log=None
+    )

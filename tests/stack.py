@@ -1,0 +1,110 @@
+"""Test helpers: run adloop's real processes against the embedded broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from bench.exchange import HttpSelector
+from schemas import Creative
+from streams.config import Settings
+from streams.kafka import kafka_python_kwargs
+from streams.supervisor import Supervisor
+from streams.topics import ensure_topics_sync
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    """ingest + worker + serve as child processes, plus clients for the test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.with_overrides(api_port=free_port())
+        ensure_topics_sync(self.settings)
+        self.sup = Supervisor(self.settings)
+        self.producer = KafkaProducer(
+            **kafka_python_kwargs(KafkaProducer, self.settings, acks="all", linger_ms=2)
+        )
+        self.api: HttpSelector | None = None
+
+    def start(self) -> Stack:
+        self.sup.start()
+        self.sup.wait_http_ready()
+        self.api = HttpSelector(self.settings.api_host, self.settings.api_port)
+        return self
+
+    def stop(self) -> None:
+        self.producer.close()
+        self.sup.stop()
+
+    def register(self, *creatives: Creative) -> None:
+        assert self.api is not None
+        for creative in creatives:
+            self.api.register(creative)
+
+    def publish(self, role: str, key: str | bytes | None, value: Any) -> None:
+        if isinstance(value, dict):
+            value = json.dumps(value).encode()
+        if isinstance(key, str):
+            key = key.encode()
+        self.producer.send(self.settings.topic(role), value=value, key=key)
+
+    def flush(self) -> None:
+        self.producer.flush()
+
+    def get(self, path: str) -> tuple[int, dict]:
+        assert self.api is not None
+        return self.api.get(path)
+
+    def decision(self, campaign: str, audience: str) -> dict | None:
+        status, body = self.get(f"/v1/campaigns/{campaign}/audiences/{audience}/decision")
+        return body if status == 200 else None
+
+    def counts(self, campaign: str, audience: str) -> dict[str, tuple[int, int]]:
+        decision = self.decision(campaign, audience)
+        if decision is None:
+            return {}
+        return {r["creative_id"]: (r["impressions"], r["clicks"]) for r in decision["creatives"]}
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 60.0,
+                 what: str = "condition", state: Callable[[], object] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sup.check()
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(
+            f"timed out waiting for {what}; state: {state() if state else '-'}"
+            f"\n--- ingest log ---\n{self.sup.tail('ingest')}"
+            f"\n--- worker log ---\n{self.sup.tail('worker')}"
+        )
+
+    def dead_letters(self, expected: int, timeout: float = 30.0) -> list[dict]:
+        consumer = KafkaConsumer(
+            **kafka_python_kwargs(KafkaConsumer, self.settings, auto_offset_reset="earliest",
+                                  consumer_timeout_ms=500)
+        )
+        topic = self.settings.topic("dead_letter")
+        tps = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        letters: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while len(letters) < expected and time.monotonic() < deadline:
+            for record in consumer:
+                letter = json.loads(record.value)
+                letter["original"] = base64.b64decode(letter["original_b64"])
+                letters.append(letter)
+        consumer.close()
+        return letters

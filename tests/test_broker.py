@@ -1,0 +1,297 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+from streams.broker import BrokerStartError, EmbeddedBroker, ensure_broker
+from streams.config import TOPIC_ROLES, Settings
+from streams.topics import (
+    TopicMismatchError,
+    TopicSpec,
+    _create,
+    ensure_topics,
+    ensure_topics_sync,
+    topic_specs,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def kafka_admin(settings: Settings) -> Iterator[KafkaAdminClient]:
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+def partition_counts(settings: Settings) -> dict[str, int]:
+    with kafka_admin(settings) as admin:
+        topics = admin.describe_topics()  # all topics: asking by name may auto-create
+    # kafka-python 3 says "name", 2.x "topic"
+    return {t.get("name") or t["topic"]: len(t["partitions"]) for t in topics}
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pid: int, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.02)
+    return gone(pid)
+
+
+@contextmanager
+def child_with_broker(
+    log_dir: Path, extra: str = ""
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A Python child that starts an EmbeddedBroker and prints the broker pid."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from streams.broker import EmbeddedBroker, install_shutdown_signals
+        broker = EmbeddedBroker(log_dir={log_dir!r}).start()
+        {extra}
+        print(broker.pid, flush=True)
+        time.sleep(60)
+        """
+    ).format(log_dir=str(log_dir), extra=extra)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    broker_pid = None
+    try:
+        assert child.stdout is not None
+        broker_pid = int(child.stdout.readline())
+        yield child, broker_pid
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        if broker_pid is not None and not gone(broker_pid):
+            os.kill(broker_pid, signal.SIGKILL)
+
+
+# --- the broker -----------------------------------------------------------------
+
+
+def test_broker_answers_metadata(broker: EmbeddedBroker, settings: Settings) -> None:
+    assert broker.running
+    assert broker.bootstrap == f"127.0.0.1:{broker.port}"
+    assert broker.url == f"kafka://127.0.0.1:{broker.port}"
+    with kafka_admin(settings) as admin:
+        cluster = admin.describe_cluster()
+    assert [(b["host"], b["port"]) for b in cluster["brokers"]] == [("127.0.0.1", broker.port)]
+
+
+def test_stop_leaves_no_broker_process(tmp_path: Path) -> None:
+    embedded = EmbeddedBroker(log_dir=tmp_path).start()
+    pid = embedded.pid
+    assert pid is not None and psutil.Process(pid).is_running()
+    assert embedded.log_path is not None and "listening on" in embedded.log_path.read_text()
+    embedded.stop()
+    assert not psutil.pid_exists(pid)  # stop() waited for (reaped) it
+    assert not embedded.running
+    embedded.stop()  # idempotent
+
+
+def test_busy_port_is_a_clear_error(broker: EmbeddedBroker) -> None:
+    with pytest.raises(RuntimeError, match=f"port {broker.port} .* in use"):
+        EmbeddedBroker(port=broker.port).start()
+
+
+def test_broker_started_from_a_thread_outlives_the_thread() -> None:
+    # PR_SET_PDEATHSIG fires when the forking *thread* exits.
+    box: list[EmbeddedBroker] = []
+    thread = threading.Thread(target=lambda: box.append(EmbeddedBroker().start()))
+    thread.start()
+    thread.join()
+    with box[0] as embedded:
+        time.sleep(0.1)
+        assert embedded.running
+
+
+def test_parent_killed_leaves_no_orphan_broker(tmp_path: Path) -> None:
+    with child_with_broker(tmp_path) as (child, broker_pid):
+        assert psutil.Process(broker_pid).ppid() == child.pid
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert wait_gone(broker_pid), f"orphan broker pid {broker_pid} survived its parent"
+
+
+def test_sigterm_stops_cli_process_and_broker(tmp_path: Path) -> None:
+    with child_with_broker(tmp_path, "install_shutdown_signals(lambda: sys.exit(0))") as (
+        child,
+        broker_pid,
+    ):
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=10) == 0
+        assert wait_gone(broker_pid)
+
+
+def test_ensure_broker(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    same, none = ensure_broker(settings)
+    assert same is settings and none is None
+
+    caplog.set_level(logging.INFO, logger="adloop.broker")
+    bare = settings.model_copy(
+        update={"broker": None, "session_timeout_s": None, "heartbeat_interval_s": None}
+    )
+    updated, embedded = ensure_broker(bare)
+    assert embedded is not None
+    try:
+        assert updated.broker == embedded.url != settings.broker
+        assert (updated.session_timeout_s, updated.heartbeat_interval_s) == (2.0, 0.5)
+        assert f"port={embedded.port} pid={embedded.pid}" in caplog.text
+    finally:
+        embedded.stop()
+
+
+# --- topics ---------------------------------------------------------------------
+
+
+def test_ensure_topics_creates_every_topic(settings: Settings) -> None:
+    names = {settings.topic(role) for role in TOPIC_ROLES}
+    assert set(ensure_topics_sync(settings)) == names
+    counts = partition_counts(settings)
+    assert {name: counts.get(name) for name in names} == dict.fromkeys(names, settings.partitions)
+
+    async def policies() -> dict[str, str | None]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        await admin.start()
+        try:
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, name) for name in sorted(names)]
+            )
+        finally:
+            await admin.close()
+        return {
+            res[3]: {e[0]: e[1] for e in res[4]}.get("cleanup.policy") for res in response.resources
+        }
+
+    compacted = {settings.topic("decisions"), settings.topic("creatives")}
+    assert asyncio.run(policies()) == {n: "compact" if n in compacted else None for n in names}
+
+
+def test_ensure_topics_is_idempotent(settings: Settings) -> None:
+    settings = settings.with_overrides(partitions=3)
+    assert len(ensure_topics_sync(settings)) == len(TOPIC_ROLES)
+    assert ensure_topics_sync(settings) == []
+
+    async def concurrently() -> list[list[str]]:
+        return await asyncio.gather(ensure_topics(settings), ensure_topics(settings))
+
+    assert asyncio.run(concurrently()) == [[], []]
+    counts = partition_counts(settings)
+    assert {counts[settings.topic(role)] for role in TOPIC_ROLES} == {3}
+
+
+def test_concurrent_creation_race(settings: Settings) -> None:
+    async def both() -> list[list[str]]:
+        return await asyncio.gather(ensure_topics(settings), ensure_topics(settings))
+
+    first, second = asyncio.run(both())
+    assert sorted(first + second) == sorted(settings.topic(role) for role in TOPIC_ROLES)
+
+
+def test_partition_mismatch_is_reported(settings: Settings) -> None:
+    clicks = settings.topic("clicks")
+    with kafka_admin(settings) as admin:
+        admin.create_topics([NewTopic(clicks, num_partitions=8, replication_factor=1)])
+    with pytest.raises(TopicMismatchError) as info:
+        ensure_topics_sync(settings)
+    assert str(info.value) == (
+        f"topic {clicks} has 8 partitions, adloop is configured for 4: "
+        "set ADLOOP_PARTITIONS=8 or recreate the topic"
+    )
+    assert set(partition_counts(settings)) & set(topic_specs(settings)) == {clicks}
+    assert len(ensure_topics_sync(settings.with_overrides(partitions=8))) == len(TOPIC_ROLES) - 1
+
+
+def test_rejected_topic_config_falls_back_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    class Admin:  # a broker that refuses topic configs (INVALID_CONFIG = 40)
+        def __init__(self) -> None:
+            self.requests: list[list[object]] = []
+
+        async def create_topics(self, topics: list[object]) -> SimpleNamespace:
+            self.requests.append(topics)
+            return SimpleNamespace(
+                topic_errors=[(t.name, 40 if t.topic_configs else 0, "no") for t in topics]
+            )
+
+    admin = Admin()
+    specs = {"a": TopicSpec(2, configs={"cleanup.policy": "compact"}), "b": TopicSpec(2)}
+    created, raced = asyncio.run(_create(admin, specs))  # type: ignore[arg-type]
+    assert (sorted(created), raced) == (["a", "b"], [])
+    assert [[t.name for t in r] for r in admin.requests] == [["a", "b"], ["a"]]
+    assert "rejected configs" in caplog.text
+
+
+def test_produce_consume_round_trip(settings: Settings) -> None:
+    ensure_topics_sync(settings)
+    topic = settings.topic("impressions")
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        meta = producer.send(topic, key=b"creative-1", value=b'{"n": 1}', partition=2).get(5)
+    finally:
+        producer.close()
+    assert (meta.topic, meta.partition) == (topic, 2)
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, consumer_timeout_ms=5000)
+    try:
+        tp = TopicPartition(topic, 2)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        record = next(iter(consumer))
+    finally:
+        consumer.close()
+    assert (record.key, record.value, record.offset) == (b"creative-1", b'{"n": 1}', meta.offset)
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("echo boom >&2; exit 3", r"exited with status 3 during startup.*\n.*boom"),
+        (
+            "echo still booting; exec sleep 30",
+            r"did not answer Kafka metadata within 0.3s.*\n.*still booting",
+        ),
+    ],
+)
+def test_failed_start_is_a_clear_error(tmp_path: Path, script: str, expected: str) -> None:
+    fake = tmp_path / "fake-tansu"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    embedded = EmbeddedBroker(binary=str(fake), log_dir=tmp_path, startup_timeout_s=0.3)
+    with pytest.raises(BrokerStartError, match=expected):
+        embedded.start()
+    assert not embedded.running
