@@ -19,8 +19,7 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
-
-from ._special import betaincinv
+from scipy.special import betaincinv
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "UNIFORM_PRIOR", "BetaArms", "BetaPrior"]
 
@@ -30,10 +29,6 @@ STATE_VERSION = 1
 # selection_probabilities draws in blocks of at most this many Beta variates, so memory
 # stays bounded (~8 MB) however many arms or draws are asked for.
 _MAX_BLOCK = 1 << 20
-# Upper bound on pre-drawn thompson_select decisions: large enough to amortize numpy's
-# per-call overhead to well under a microsecond, small enough that a block abandoned
-# after a state change wastes little.
-_MAX_SELECT_BLOCK = 256
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
 
@@ -102,16 +97,6 @@ def _check_clicks(impressions: np.ndarray, clicks: np.ndarray) -> None:
         raise ValueError("clicks must not exceed impressions")
 
 
-@dataclass
-class _DrawBuffer:
-    """Pre-drawn Thompson winners, valid only for this rng and these state bytes."""
-
-    rng: np.random.Generator
-    key: tuple[bytes, ...]
-    winners: np.ndarray
-    pos: int
-
-
 @dataclass(frozen=True)
 class BetaPrior:
     """Prior Beta(alpha, beta) on an arm's click-through rate; both must be finite and > 0."""
@@ -159,7 +144,6 @@ class BetaArms:
     impressions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     clicks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _index: dict[str, int] = field(init=False, repr=False, default_factory=dict)
-    _buffer: _DrawBuffer | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         # Copy everything so the instance never aliases caller-owned lists or arrays.
@@ -325,7 +309,6 @@ class BetaArms:
         a = self.alpha
         b = self.beta
         n = a.size
-        # One call for both tails so the vectorized root-finder shares its iterations.
         q = betaincinv(
             np.concatenate([a, a]),
             np.concatenate([b, b]),
@@ -344,31 +327,15 @@ class BetaArms:
     def thompson_select(self, rng: np.random.Generator) -> int:
         """Index of the arm whose single posterior draw is largest (one Thompson decision).
 
-        numpy's array-parameter samplers carry a fixed ~10-20 us of argument checking per
-        call, far more than the draws themselves, so winners are drawn in blocks and
-        handed out one per call. A block is only used while the rng object and the exact
-        state bytes match those it was drawn from, so every decision is still a fresh
-        draw from the current posterior; after a change the block size restarts at 1 and
-        doubles while the state stays put, bounding wasted draws to about half.
+        Serving paths that decide many times per posterior should use
+        ``selection_probabilities`` once and sample from it, or ``thompson_select_many``.
         """
         k = len(self.arm_ids)
-        if k < 2:
-            if k == 0:
-                raise ValueError("cannot select from zero arms; add_arm() first")
+        if k == 0:
+            raise ValueError("cannot select from zero arms; add_arm() first")
+        if k == 1:
             return 0
-        key = self._fingerprint()
-        buf = self._buffer
-        if buf is not None and buf.rng is rng and buf.key == key:
-            if buf.pos < buf.winners.size:
-                i = buf.winners[buf.pos]
-                buf.pos += 1
-                return int(i)
-            block = min(2 * buf.winners.size, _MAX_SELECT_BLOCK)
-        else:
-            block = 1
-        winners = np.argmax(rng.beta(self.alpha, self.beta, size=(block, k)), axis=1)
-        self._buffer = _DrawBuffer(rng=rng, key=key, winners=winners, pos=1)
-        return int(winners[0])
+        return int(np.argmax(rng.beta(self.alpha, self.beta)))
 
     def thompson_select_many(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` independent Thompson decisions in one call (int64 arm indices)."""
@@ -387,16 +354,6 @@ class BetaArms:
             m = min(block, int(n) - start)
             out[start : start + m] = np.argmax(rng.beta(a, b, size=(m, k)), axis=1)
         return out
-
-    def _fingerprint(self) -> tuple[bytes, ...]:
-        # Exact bytes rather than a version counter, so even direct writes into the public
-        # arrays invalidate pre-drawn decisions; ~1 us for small arm counts.
-        return (
-            self.impressions.tobytes(),
-            self.clicks.tobytes(),
-            self.prior_alpha.tobytes(),
-            self.prior_beta.tobytes(),
-        )
 
     def selection_probabilities(self, rng: np.random.Generator, draws: int = 2000) -> np.ndarray:
         """Monte Carlo P(arm has the largest draw), i.e. Thompson's serving probabilities.

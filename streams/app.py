@@ -101,8 +101,10 @@ class PosteriorWorker:
         # republish triggered by a creative change never lands after (and
         # overwrites) a newer decision from the agent.
         self._publish_lock = asyncio.Lock()
+        self._dirty: set[bytes] = set()
         self.app.agent(self.outcomes, name="apply-outcomes")(self._apply_outcomes)
         self.app.task(self._follow_registry)
+        self.app.timer(interval=settings.decision_interval_ms / 1000)(self._publish_dirty)
 
     def decision_bytes(self, key: str, state: PosteriorState) -> bytes:
         campaign, audience = split_decision_key(key)
@@ -129,9 +131,18 @@ class PosteriorWorker:
             state.apply(snapshot)
             self.posteriors[key] = encode_state(state)
             self.applied += 1
-            async with self._publish_lock:
-                value = self.decision_bytes(key.decode(), state)
-                await self.decisions.send(key=key, value=value)
+            # Decisions are coalesced: a burst of snapshots for a key (one per
+            # source partition per ingest flush) yields one decision per tick.
+            self._dirty.add(key)
+
+    async def _publish_dirty(self) -> None:
+        if not self._dirty:
+            return
+        async with self._publish_lock:
+            keys, self._dirty = self._dirty, set()
+            for key in sorted(keys):
+                state = decode_state(self.posteriors.get(key))
+                await self.decisions.send(key=key, value=self.decision_bytes(key.decode(), state))
 
     async def _follow_registry(self) -> None:
         follower = RegistryFollower(self.settings, self.registry, on_change=self._on_creative)

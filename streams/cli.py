@@ -193,6 +193,25 @@ def demo(events: int, rate: float, seed: int, no_live: bool, **flags: Any) -> No
     sys.exit(0 if summary.ok else 1)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks (results under --out)."""
+
+
+@bench.command("spine")
+@click.option("--events", type=int, default=200_000, show_default=True,
+              help="impressions to replay (clicks come on top, 5 %)")
+@click.option("--broker", help="kafka://host:port (default: embedded)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True)
+def bench_spine(events: int, broker: str | None, out: Path) -> None:
+    """Throughput vs. the raw-consume ceiling, click->decision and select latency."""
+    configure_logging("WARNING")
+    from bench.spine import run
+
+    run(events, broker, out)
+
+
 @main.command()
 @click.option("--write", is_flag=True, help="regenerate the committed files")
 def schemas(write: bool) -> None:

@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     # Share of traffic spread uniformly over servable creatives, so every logged
     # propensity stays positive (needed for off-policy evaluation).
     exploration_floor: float = Field(default=0.01, ge=0, lt=1)
-    selection_draws: int = Field(default=4000, ge=100)
+    selection_draws: int = Field(default=2000, ge=100)
+    # Decisions for keys that changed are published at most this often.
+    decision_interval_ms: int = Field(default=25, ge=1)
 
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod

@@ -344,9 +344,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.ingest = ingest
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.ingest.flush(force=True)
-        for p in {tp.partition for tp in revoked}:
-            self.ingest.states.pop(p, None)
+        # The coordinator calls this while the main loop may be awaiting inside a
+        # flush; the lock makes the two flushes run one after the other.
+        async with self.ingest.flush_lock:
+            await self.ingest.flush_now()
+            for p in {tp.partition for tp in revoked}:
+                self.ingest.states.pop(p, None)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.ingest.on_assigned(assigned)
@@ -379,6 +382,7 @@ class Ingest:
         self._producer: AIOKafkaProducer | None = None
         self._follower: RegistryFollower | None = None
         self._stopping = asyncio.Event()
+        self.flush_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -447,7 +451,8 @@ class Ingest:
     async def stop(self) -> None:
         self._stopping.set()
         try:
-            await self.flush(force=True)
+            if self._producer is not None and self._consumer is not None:
+                await self.flush(force=True)
         finally:
             if self._consumer is not None:
                 await self._consumer.stop()
@@ -617,12 +622,20 @@ class Ingest:
 
     # -- flushing -----------------------------------------------------------------------
     async def flush(self, force: bool, idle: bool = False) -> None:
-        """Publish snapshots and dead letters, then checkpoint state + offsets atomically."""
-        now = time.monotonic()
-        elapsed_ms = (now - self._last_flush) * 1000
+        """Flush when forced, idle, or ``ingest_batch_max_ms`` has passed since the last."""
+        elapsed_ms = (time.monotonic() - self._last_flush) * 1000
         if not force and not (idle or elapsed_ms >= self.settings.ingest_batch_max_ms):
             return
+        async with self.flush_lock:
+            await self.flush_now()
+
+    async def flush_now(self) -> None:
+        """Publish snapshots and dead letters, then checkpoint state + offsets atomically.
+
+        Callers hold ``flush_lock``.
+        """
         assert self._producer is not None and self._consumer is not None
+        now = time.monotonic()
         wall = time.time()
         for p, state in self.states.items():
             tp = TopicPartition(self.settings.topic("impressions"), p)

@@ -218,6 +218,34 @@ class ServingApi:
         creatives = self.registry.servable(campaign, audience)
         if not creatives:
             return None
+        probabilities = self._decision_probabilities(decision, creatives)
+        if probabilities is None:
+            probabilities = self._local_probabilities(decision, creatives)
+        cumulative = np.cumsum(probabilities)
+        cumulative[-1] = 1.0
+        cached = _Selection(version, creatives, cumulative, probabilities, decision is None)
+        self._selections[key] = cached
+        return cached
+
+    @staticmethod
+    def _decision_probabilities(
+        decision: Decision | None, creatives: list[Creative]
+    ) -> np.ndarray | None:
+        """The worker's serving probabilities, if it served the same creatives we would."""
+        if decision is None:
+            return None
+        served = {r.creative_id: r.serving_probability for r in decision.creatives
+                  if r.serving_probability > 0}
+        if set(served) != {c.creative_id for c in creatives}:
+            return None
+        probabilities = np.array([served[c.creative_id] for c in creatives])
+        return probabilities / probabilities.sum()
+
+    def _local_probabilities(
+        self, decision: Decision | None, creatives: list[Creative]
+    ) -> np.ndarray:
+        """Thompson probabilities from the posterior counts (a creative the worker does
+        not know yet starts from its prior)."""
         stats = {c.creative_id: c for c in decision.creatives} if decision else {}
         arms = BetaArms.empty()
         for creative in creatives:
@@ -225,15 +253,10 @@ class ServingApi:
             row = stats.get(creative.creative_id)
             if row is not None:
                 arms.set_counts(creative.creative_id, row.impressions, row.clicks)
-        probabilities = with_exploration_floor(
+        return with_exploration_floor(
             arms.selection_probabilities(self.rng, draws=self.settings.selection_draws),
             self.settings.exploration_floor,
         )
-        cumulative = np.cumsum(probabilities)
-        cumulative[-1] = 1.0
-        cached = _Selection(version, creatives, cumulative, probabilities, decision is None)
-        self._selections[key] = cached
-        return cached
 
     async def select(self, request: web.Request) -> web.Response:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,17 +11,12 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from bench.exchange import HttpSelector
+from bench.harness import free_port
 from schemas import Creative
 from streams.config import Settings
 from streams.kafka import kafka_python_kwargs
 from streams.supervisor import Supervisor
 from streams.topics import ensure_topics_sync
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stack:

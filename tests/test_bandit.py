@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from bandit import BetaArms, BetaPrior
-from bandit._special import betainc, betaincinv, betaln
 
 BANDIT_DIR = Path(__file__).resolve().parents[1] / "bandit"
 
@@ -348,29 +347,6 @@ def test_credible_interval_edge_cases() -> None:
             arms.credible_interval(bad)
 
 
-def test_special_functions_identities() -> None:
-    rng = np.random.default_rng(3)
-    a = np.exp(rng.uniform(np.log(0.2), np.log(1e7), 400))
-    b = np.exp(rng.uniform(np.log(0.2), np.log(1e7), 400))
-    x = rng.uniform(0, 1, 400)
-    # Reflection I_x(a, b) = 1 - I_{1-x}(b, a).
-    np.testing.assert_allclose(betainc(a, b, x) + betainc(b, a, 1 - x), 1.0, atol=1e-9)
-    # Quantiles are monotone in p and invert the CDF: the true root lies within one ulp of
-    # q (up to betainc's own error), i.e. F(prev(q)) <= p <= F(next(q)).
-    ps = np.array([1e-6, 0.025, 0.5, 0.975, 1 - 1e-6])
-    q = betaincinv(a[:, None], b[:, None], ps[None, :])
-    assert np.all(np.diff(q, axis=1) >= 0)
-    tol = 1e-8 * np.minimum(ps, 1 - ps)
-    below = betainc(a[:, None], b[:, None], np.nextafter(q, 0.0))
-    above = betainc(a[:, None], b[:, None], np.nextafter(q, 1.0))
-    assert np.all(below <= ps + tol)
-    assert np.all(above >= ps - tol)
-    assert betaincinv(2.0, 3.0, 0.0) == 0.0 and betaincinv(2.0, 3.0, 1.0) == 1.0
-    with mpmath.workdps(40):
-        ref = float(mpmath.log(mpmath.beta(1e8, 1e8)))
-    assert betaln(1e8, 1e8) == pytest.approx(ref, rel=1e-14)
-
-
 # -- Thompson sampling ---------------------------------------------------------------
 
 
@@ -547,8 +523,10 @@ def test_from_dict_rejects_non_numeric_priors() -> None:
 # -- module hygiene ------------------------------------------------------------------
 
 
-def test_bandit_imports_nothing_but_numpy_and_stdlib() -> None:
-    allowed = {"__future__", "collections", "dataclasses", "math", "numbers", "typing", "numpy"}
+def test_bandit_does_no_io() -> None:
+    """Pure maths: numpy, scipy and the standard library only (no Kafka, Faust, files)."""
+    allowed = {"__future__", "collections", "dataclasses", "math", "numbers", "typing", "numpy",
+               "scipy"}
     for path in BANDIT_DIR.glob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
