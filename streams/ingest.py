@@ -96,6 +96,7 @@ class Checkpoint(msgspec.Struct, array_like=True):
     offsets: dict[str, int]  # role -> next offset to read
     watermark: float = 0.0  # max impression event time seen
     expired_through: int = -1  # last expiry bucket swept
+    flushes: int = 0  # checkpoints written, names expiry-index entries
 
 
 _counts_type = dict[str, dict[str, CreativeCounts]]
@@ -104,6 +105,7 @@ _dec_imp = msgspec.msgpack.Decoder(StoredImpression)
 _dec_parked = msgspec.msgpack.Decoder(list[ParkedEvent])
 _dec_ckpt = msgspec.msgpack.Decoder(Checkpoint)
 _dec_counts = msgspec.msgpack.Decoder(_counts_type)
+_dec_ids = msgspec.msgpack.Decoder(list[bytes])
 _json = msgspec.json.Encoder()
 
 
@@ -143,14 +145,18 @@ class PartitionState:
         # including one parked while its impression was late.
         self.retention = self.window + self.click_wait + 60.0
         self.bucket_s = max(self.retention / 16.0, 1.0)
+        self._imp_prefix = _pkey(b"i", partition)
         raw = db.get(_pkey(b"o", partition))
         self.checkpoint = _dec_ckpt.decode(raw) if raw is not None else Checkpoint(offsets={})
+        # Write-back buffer: changed impression records by RocksDB key.
         self._impressions: dict[bytes, StoredImpression] = {}
         self._counts: dict[str, _counts_type] = {}
+        # (campaign, audience, creative, placement) -> (decision key, its counts cell)
+        self._cells: dict[tuple[str, str, str, str], tuple[str, CreativeCounts]] = {}
         self._dirty_counts: set[str] = set()
         self._last_event_at: dict[str, float] = {}
-        self._expiry_index: list[bytes] = []
-        self._deletes: list[bytes] = []
+        # Expiry index, one RocksDB entry per (time bucket, flush) rather than per event.
+        self._expiry_index: dict[int, list[bytes]] = {}
         self.parked: dict[str, list[ParkedEvent]] = {}
         self._parked_dirty: set[str] = set()
         prefix = _pkey(b"w", partition)
@@ -160,14 +166,16 @@ class PartitionState:
             self.parked[key[len(prefix) :].decode()] = _dec_parked.decode(value)
 
     # -- lookups -------------------------------------------------------------
-    def impression(self, impression_id: str) -> StoredImpression | None:
-        key = _pkey(b"i", self.partition, impression_id.encode())
+    def _lookup(self, key: bytes) -> StoredImpression | None:
         found = self._impressions.get(key)
         if found is not None:
             return found
         raw = self.db.get(key)
         # Not buffered on read: only changed records go into the next write batch.
         return _dec_imp.decode(raw) if raw is not None else None
+
+    def impression(self, impression_id: str) -> StoredImpression | None:
+        return self._lookup(self._imp_prefix + impression_id.encode())
 
     def counts(self, key: str) -> _counts_type:
         counts = self._counts.get(key)
@@ -178,11 +186,16 @@ class PartitionState:
         return counts
 
     def _bump(self, rec: StoredImpression, event_time: float) -> CreativeCounts:
-        key = decision_key(rec.campaign, rec.audience)
-        by_placement = self.counts(key).setdefault(rec.creative_id, {})
-        cell = by_placement.get(rec.placement)
-        if cell is None:
-            cell = by_placement[rec.placement] = CreativeCounts()
+        ident = (rec.campaign, rec.audience, rec.creative_id, rec.placement)
+        found = self._cells.get(ident)
+        if found is None:
+            key = decision_key(rec.campaign, rec.audience)
+            by_placement = self.counts(key).setdefault(rec.creative_id, {})
+            cell = by_placement.get(rec.placement)
+            if cell is None:
+                cell = by_placement[rec.placement] = CreativeCounts()
+            found = self._cells[ident] = (key, cell)
+        key, cell = found
         self._dirty_counts.add(key)
         if event_time > self._last_event_at.get(key, 0.0):
             self._last_event_at[key] = event_time
@@ -191,50 +204,52 @@ class PartitionState:
     # -- event application -------------------------------------------------------
     def add_impression(self, imp: Impression, offset: int) -> str | None:
         """Apply an impression; returns a dead-letter reason code or None."""
-        key = _pkey(b"i", self.partition, imp.impression_id.encode())
-        existing = self.impression(imp.impression_id)
-        if existing is not None:
+        raw_id = imp.impression_id.encode()
+        key = self._imp_prefix + raw_id
+        if key in self._impressions or self.db.get(key) is not None:
             return "duplicate_impression_id"
         rec = StoredImpression(
             imp.campaign, imp.audience, imp.creative_id, imp.placement, imp.timestamp, offset
         )
         self._impressions[key] = rec
         bucket = int(imp.timestamp // self.bucket_s)
-        self._expiry_index.append(
-            _pkey(b"x", self.partition, bucket.to_bytes(8, "big") + imp.impression_id.encode())
-        )
+        ids = self._expiry_index.get(bucket)
+        if ids is None:
+            ids = self._expiry_index[bucket] = []
+        ids.append(raw_id)
         self._bump(rec, imp.timestamp).impressions += 1
         if imp.timestamp > self.checkpoint.watermark:
             self.checkpoint.watermark = imp.timestamp
         return None
 
-    def add_click(self, click: Click) -> str | None:
-        rec = self.impression(click.impression_id)
+    def _attribute(self, impression_id: str, timestamp: float, flag: int,
+                   kind: str) -> tuple[str | None, CreativeCounts | None]:
+        """Join a click/conversion to its impression, once, inside the window."""
+        key = self._imp_prefix + impression_id.encode()
+        rec = self._lookup(key)
         if rec is None:
-            return "unknown_impression"
-        if click.timestamp - rec.timestamp > self.window:
-            return "late_click"
-        if rec.flags & _CLICKED:
-            return "duplicate_click"
-        rec.flags |= _CLICKED
-        self._impressions[_pkey(b"i", self.partition, click.impression_id.encode())] = rec
-        self._bump(rec, click.timestamp).clicks += 1
-        return None
+            return "unknown_impression", None
+        if timestamp - rec.timestamp > self.window:
+            return f"late_{kind}", None
+        if rec.flags & flag:
+            return f"duplicate_{kind}", None
+        rec.flags |= flag
+        self._impressions[key] = rec
+        return None, self._bump(rec, timestamp)
+
+    def add_click(self, click: Click) -> str | None:
+        code, cell = self._attribute(click.impression_id, click.timestamp, _CLICKED, "click")
+        if cell is not None:
+            cell.clicks += 1
+        return code
 
     def add_conversion(self, conv: Conversion) -> str | None:
-        rec = self.impression(conv.impression_id)
-        if rec is None:
-            return "unknown_impression"
-        if conv.timestamp - rec.timestamp > self.window:
-            return "late_conversion"
-        if rec.flags & _CONVERTED:
-            return "duplicate_conversion"
-        rec.flags |= _CONVERTED
-        self._impressions[_pkey(b"i", self.partition, conv.impression_id.encode())] = rec
-        cell = self._bump(rec, conv.timestamp)
-        cell.conversions += 1
-        cell.conversion_value += conv.value
-        return None
+        code, cell = self._attribute(conv.impression_id, conv.timestamp, _CONVERTED,
+                                     "conversion")
+        if cell is not None:
+            cell.conversions += 1
+            cell.conversion_value += conv.value
+        return code
 
     def park(self, impression_id: str, event: ParkedEvent) -> None:
         self.parked.setdefault(impression_id, []).append(event)
@@ -293,21 +308,23 @@ class PartitionState:
             return
         start = _pkey(b"x", self.partition)
         stop = _pkey(b"x", self.partition, (horizon_bucket + 1).to_bytes(8, "big"))
-        for key in self.db.keys(from_key=start):
+        for key, value in self.db.items(from_key=start):
             if key >= stop or not key.startswith(start):
                 break
-            impression_id = key[len(start) + 8 :]
-            batch.delete(_pkey(b"i", self.partition, impression_id))
+            for raw_id in _dec_ids.decode(value):
+                batch.delete(self._imp_prefix + raw_id)
+                self._impressions.pop(self._imp_prefix + raw_id, None)
             batch.delete(key)
-            self._impressions.pop(_pkey(b"i", self.partition, impression_id), None)
         self.checkpoint.expired_through = horizon_bucket
 
     def write_batch(self, offsets: dict[str, int]) -> WriteBatch:
         batch = WriteBatch(raw_mode=True)
         for key, rec in self._impressions.items():
             batch.put(key, _enc.encode(rec))
-        for key in self._expiry_index:
-            batch.put(key, b"")
+        self.checkpoint.flushes += 1
+        for bucket, ids in self._expiry_index.items():
+            suffix = bucket.to_bytes(8, "big") + self.checkpoint.flushes.to_bytes(8, "big")
+            batch.put(_pkey(b"x", self.partition, suffix), _enc.encode(ids))
         for key in self._dirty_counts:
             batch.put(_pkey(b"c", self.partition, key.encode()), _enc.encode(self._counts[key]))
         for impression_id in self._parked_dirty:
@@ -425,11 +442,10 @@ class Ingest:
                     self.db, tp.partition, self.settings
                 )
             role = self.roles[tp.topic]
-            offset = state.checkpoint.offsets.get(role)
-            if offset is not None:
-                self._consumer.seek(tp, offset)
-            else:
-                await self._consumer.seek_to_beginning(tp)
+            # A synchronous seek: seek_to_beginning() resets lazily, after the fetcher
+            # may already have returned records, which then came again. Offset 0 on a
+            # truncated log is out of range and resets to the earliest retained one.
+            self._consumer.seek(tp, state.checkpoint.offsets.get(role, 0))
         log.info(
             "partitions assigned",
             extra={"partitions": sorted({tp.partition for tp in assigned})},
@@ -476,6 +492,13 @@ class Ingest:
                 continue
             handler = getattr(self, f"_on_{role}")
             decoder = self.decoders[role]
+            pending = self._pending_offsets.setdefault(tp.partition, {})
+            # Never apply a record twice, whatever the client redelivers.
+            applied_until = pending.get(role, state.checkpoint.offsets.get(role, 0))
+            if records[0].offset < applied_until:
+                records = [r for r in records if r.offset >= applied_until]
+                if not records:
+                    continue
             for record in records:
                 try:
                     event = decoder.decode(record.value)
@@ -483,12 +506,15 @@ class Ingest:
                     self.dead_letter(tp, record, exc.code, exc.reason)
                     continue
                 handler(state, tp, record, event)
-            pending = self._pending_offsets.setdefault(tp.partition, {})
             pending[role] = records[-1].offset + 1
 
     def _on_impressions(
         self, state: PartitionState, tp: TopicPartition, record: Any, imp: Impression
     ) -> None:
+        if "|" in imp.audience:
+            self.dead_letter(tp, record, "invalid_value",
+                             f"audience {imp.audience!r} contains '|', the key separator")
+            return
         creative = self.registry.get(imp.creative_id)
         if creative is None or creative.campaign != imp.campaign:
             if not self.registry.has_campaign(imp.campaign):
@@ -691,7 +717,7 @@ class Ingest:
         if position is None:
             state = self.states.get(tp.partition)
             position = state.checkpoint.offsets.get("impressions", 0) if state else 0
-        return highwater is None or position >= highwater
+        return highwater is not None and position >= highwater
 
 
 async def run_ingest(settings: Settings) -> None:

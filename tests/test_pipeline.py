@@ -88,6 +88,7 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
         "oversized_payload")
     bad("impressions", "b8", imp("b8", "c-nope"), "unknown_creative")
     bad("impressions", "b9", imp("b9", "c1", campaign="autumn"), "unknown_campaign")
+    bad("impressions", "b11", imp("b11", "c1", audience="a|b"), "invalid_value")
     bad("impressions", "i1", imp("i1", "c2", ts=T0 + 1), "duplicate_impression_id")
     bad("clicks", "i1", click("i1", T0 + 9), "duplicate_click")
     bad("clicks", "ghost", click("ghost"), "unknown_impression")

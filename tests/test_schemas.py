@@ -66,7 +66,6 @@ def _bad(**changes: object) -> bytes:
         (json.dumps(VALID).replace("0.25", "NaN").encode(), "malformed_json"),
         (json.dumps(VALID).replace("0.25", "Infinity").encode(), "malformed_json"),
         (json.dumps(VALID).replace("1700000000.5", "1e999").encode(), "invalid_value"),
-        (_bad(campaign="a|b"), "invalid_value"),
         (_bad(campaign=""), "invalid_value"),
         (_bad(impression_id="x" * 129), "invalid_value"),
     ],
@@ -89,6 +88,14 @@ def test_oversized_and_empty_payloads() -> None:
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     imp = RecordDecoder(Impression, 16_384).decode(_bad(new_field={"x": 1}))
     assert imp.impression_id == "imp-1"
+
+
+def test_creative_ids_use_the_strict_alphabet() -> None:
+    decoder = RecordDecoder(Creative, 16_384)
+    for bad in ({"campaign": "a|b"}, {"creative_id": "has space"}, {"creative_id": "-x"}):
+        body = {"creative_id": "c1", "campaign": "k", "headline": "Hi", **bad}
+        with pytest.raises(InvalidRecord, match="invalid_value"):
+            decoder.decode(json.dumps(body).encode())
 
 
 def test_creative_targets_audiences() -> None:
