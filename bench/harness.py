@@ -37,7 +37,9 @@ def deployment(broker: str | None = None, **overrides: object) -> Iterator[Setti
     """Settings on a broker (embedded unless given), with fresh topics and state."""
     data_dir = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
     base = Settings(
-        broker=broker, topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", data_dir=data_dir,
+        broker=broker,
+        topic_prefix=f"bench{uuid.uuid4().hex[:6]}.",
+        data_dir=data_dir,
         **overrides,  # type: ignore[arg-type]
     )
     settings, embedded = ensure_broker(base)
@@ -63,8 +65,9 @@ def creatives() -> list[Creative]:
     ]
 
 
-def synthetic_events(n_impressions: int, click_rate: float, seed: int = 1
-                     ) -> tuple[list[bytes], list[bytes], dict[str, tuple[int, int]]]:
+def synthetic_events(
+    n_impressions: int, click_rate: float, seed: int = 1
+) -> tuple[list[bytes], list[bytes], dict[str, tuple[int, int]]]:
     """Encoded impressions and clicks, and the expected (impressions, clicks) per key."""
     rng = np.random.default_rng(seed)
     cre = creatives()
@@ -81,16 +84,26 @@ def synthetic_events(n_impressions: int, click_rate: float, seed: int = 1
         audience = AUDIENCES[audience_ix[i]]
         creative = by_campaign[campaign][creative_ix[i]]
         impression_id = f"b{i:09d}"
-        impressions.append(enc.encode(Impression(
-            impression_id=impression_id, timestamp=T0 + i * 1e-3, campaign=campaign,
-            audience=audience, placement="feed", creative_id=creative.creative_id,
-            propensity=1 / CREATIVES_PER_CAMPAIGN, policy="uniform",
-        )))
+        impressions.append(
+            enc.encode(
+                Impression(
+                    impression_id=impression_id,
+                    timestamp=T0 + i * 1e-3,
+                    campaign=campaign,
+                    audience=audience,
+                    placement="feed",
+                    creative_id=creative.creative_id,
+                    propensity=1 / CREATIVES_PER_CAMPAIGN,
+                    policy="uniform",
+                )
+            )
+        )
         cell = expected.setdefault(f"{campaign}|{audience}", [0, 0])
         cell[0] += 1
         if clicked[i]:
-            clicks.append(enc.encode(Click(impression_id=impression_id,
-                                           timestamp=T0 + i * 1e-3 + 1)))
+            clicks.append(
+                enc.encode(Click(impression_id=impression_id, timestamp=T0 + i * 1e-3 + 1))
+            )
             cell[1] += 1
     return impressions, clicks, {k: (v[0], v[1]) for k, v in expected.items()}
 
@@ -102,19 +115,28 @@ def _key(value: bytes) -> bytes:
     return match.group(1)
 
 
-async def preload(settings: Settings, impressions: list[bytes], clicks: list[bytes],
-                  progress: Progress | None = None) -> None:
+async def preload(
+    settings: Settings,
+    impressions: list[bytes],
+    clicks: list[bytes],
+    progress: Progress | None = None,
+) -> None:
     """Publish creatives, impressions, then clicks, keyed by impression_id."""
-    producer = AIOKafkaProducer(**producer_kwargs(settings, linger_ms=20, acks=1,
-                                                  max_batch_size=1 << 20))
+    producer = AIOKafkaProducer(
+        **producer_kwargs(settings, linger_ms=20, acks=1, max_batch_size=1 << 20)
+    )
     await producer.start()
     try:
         enc = msgspec.json.Encoder()
         for creative in creatives():
-            await producer.send(settings.topic("creatives"), enc.encode(creative),
-                                key=creative.creative_id.encode())
-        task = progress.add_task("preloading events", total=len(impressions) + len(clicks)) \
-            if progress else None
+            await producer.send(
+                settings.topic("creatives"), enc.encode(creative), key=creative.creative_id.encode()
+            )
+        task = (
+            progress.add_task("preloading events", total=len(impressions) + len(clicks))
+            if progress
+            else None
+        )
         for role, values in (("impressions", impressions), ("clicks", clicks)):
             topic = settings.topic(role)
             futures = []
@@ -124,8 +146,9 @@ async def preload(settings: Settings, impressions: list[bytes], clicks: list[byt
                     await asyncio.gather(*futures)
                     futures.clear()
                 if progress and task is not None and i % 5000 == 0:
-                    progress.update(task, completed=i + (len(impressions) if role == "clicks"
-                                                          else 0))
+                    progress.update(
+                        task, completed=i + (len(impressions) if role == "clicks" else 0)
+                    )
             await asyncio.gather(*futures)
         if progress and task is not None:
             progress.update(task, completed=len(impressions) + len(clicks))
@@ -135,12 +158,16 @@ async def preload(settings: Settings, impressions: list[bytes], clicks: list[byt
 
 async def raw_consume_rate(settings: Settings, total: int) -> float:
     """The ceiling: aiokafka getmany + JSON decode of the same messages, no processing."""
-    consumer = AIOKafkaConsumer(**consumer_kwargs(settings, group_id=None,
-                                                  max_partition_fetch_bytes=4 << 20))
+    consumer = AIOKafkaConsumer(
+        **consumer_kwargs(settings, group_id=None, max_partition_fetch_bytes=4 << 20)
+    )
     await consumer.start()
     try:
-        tps = [TopicPartition(settings.topic(role), p)
-               for role in ("impressions", "clicks") for p in range(settings.partitions)]
+        tps = [
+            TopicPartition(settings.topic(role), p)
+            for role in ("impressions", "clicks")
+            for p in range(settings.partitions)
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         decode = msgspec.json.decode
@@ -165,10 +192,12 @@ class DecisionWatcher:
         self.totals: dict[str, tuple[int, int]] = {}
         self.first_at: float | None = None
 
-    async def wait_for(self, expected: dict[str, tuple[int, int]], timeout: float,
-                       progress: Progress | None = None) -> float:
-        consumer = AIOKafkaConsumer(**consumer_kwargs(self.settings, group_id=None,
-                                                      fetch_max_wait_ms=5))
+    async def wait_for(
+        self, expected: dict[str, tuple[int, int]], timeout: float, progress: Progress | None = None
+    ) -> float:
+        consumer = AIOKafkaConsumer(
+            **consumer_kwargs(self.settings, group_id=None, fetch_max_wait_ms=5)
+        )
         await consumer.start()
         dec = msgspec.json.Decoder()
         want = sum(i + c for i, c in expected.values())
@@ -214,8 +243,7 @@ def process_usage(sup: Supervisor) -> dict[str, dict[str, float]]:
         try:
             proc = psutil.Process(child.pid)
             cpu = proc.cpu_times()
-            usage[role] = {"cpu_s": cpu.user + cpu.system,
-                           "rss_mb": proc.memory_info().rss / 2**20}
+            usage[role] = {"cpu_s": cpu.user + cpu.system, "rss_mb": proc.memory_info().rss / 2**20}
         except psutil.NoSuchProcess:
             pass
     return usage

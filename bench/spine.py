@@ -12,7 +12,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,28 +51,37 @@ class SpineReport:
     background_rate: float = 0.0
     select_ms: dict[str, float] = field(default_factory=dict)
     select_rps: float = 0.0
+    process_usage_latency: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _pct(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
-    return {"n": float(arr.size), "p50": float(np.percentile(arr, 50)),
-            "p95": float(np.percentile(arr, 95)), "p99": float(np.percentile(arr, 99)),
-            "max": float(arr.max())}
+    return {
+        "n": float(arr.size),
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": float(arr.max()),
+    }
 
 
-def throughput(settings: Settings, n_impressions: int, report: SpineReport,
-               console: Console) -> None:
+def throughput(
+    settings: Settings, n_impressions: int, report: SpineReport, console: Console
+) -> None:
     impressions, clicks, expected = synthetic_events(n_impressions, click_rate=0.05)
     report.events = len(impressions) + len(clicks)
     with Progress(console=console, transient=True) as progress:
         asyncio.run(preload(settings, impressions, clicks, progress))
     report.ceiling_events_per_s = asyncio.run(raw_consume_rate(settings, report.events))
-    console.print(f"ceiling (raw aiokafka getmany + JSON decode): "
-                  f"{report.ceiling_events_per_s:,.0f} events/s")
+    console.print(
+        f"ceiling (raw aiokafka getmany + JSON decode): {report.ceiling_events_per_s:,.0f} events/s"
+    )
     # The worker first (it has nothing to do until ingest emits), then ingest: the
     # clock starts when ingest is assigned its partitions (from its log).
-    with Supervisor(settings, roles=("worker", "ingest")) as sup, \
-            Progress(console=console, transient=True) as progress:
+    with (
+        Supervisor(settings, roles=("worker", "ingest")) as sup,
+        Progress(console=console, transient=True) as progress,
+    ):
         watcher = DecisionWatcher(settings)
         done_at = asyncio.run(watcher.wait_for(expected, timeout=600, progress=progress))
         started_at = log_time(sup.log_path("ingest"), "partitions assigned")
@@ -81,9 +89,11 @@ def throughput(settings: Settings, n_impressions: int, report: SpineReport,
         report.counts_exact = watcher.totals == expected
         report.process_usage = process_usage(sup)
     report.ratio = report.adloop_events_per_s / report.ceiling_events_per_s
-    console.print(f"adloop (ingest + Faust worker, until every count is in the decisions): "
-                  f"{report.adloop_events_per_s:,.0f} events/s, ratio {report.ratio:.2f}, "
-                  f"counts exact: {report.counts_exact}")
+    console.print(
+        f"adloop (ingest + Faust worker, until every count is in the decisions): "
+        f"{report.adloop_events_per_s:,.0f} events/s, ratio {report.ratio:.2f}, "
+        f"counts exact: {report.counts_exact}"
+    )
 
 
 def _select_load(host: str, port: int, seconds: float, queue: mp.Queue) -> None:
@@ -102,91 +112,156 @@ def _select_load(host: str, port: int, seconds: float, queue: mp.Queue) -> None:
     queue.put(latencies)
 
 
-def latency(settings: Settings, report: SpineReport, console: Console,
-            background_rate: float = 2000.0, probes: int = 200, select_seconds: float = 10.0
-            ) -> None:
-    """Click -> decision visible over HTTP, while ~2,000 events/s flow; then select load."""
+def _background_traffic(settings: Settings, rate: float, seconds: float, queue: mp.Queue) -> None:
+    """Run in another process: ~``rate`` impressions/s (+5 % clicks) for ``seconds``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, settings, linger_ms=5, acks=1))
+    rng = np.random.default_rng(3)
+    sent = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        impression_id = f"bg{sent}"
+        producer.send(
+            settings.topic("impressions"),
+            _enc(
+                Impression(
+                    impression_id=impression_id,
+                    timestamp=time.time(),
+                    campaign="lat",
+                    audience=f"aud-{1 + sent % 3}",
+                    placement="feed",
+                    creative_id=f"lat-c{sent % 4}",
+                    propensity=0.25,
+                    policy="uniform",
+                )
+            ),
+            key=impression_id.encode(),
+        )
+        if rng.random() < 0.05:
+            producer.send(
+                settings.topic("clicks"),
+                _enc(Click(impression_id=impression_id, timestamp=time.time())),
+                key=impression_id.encode(),
+            )
+        sent += 1
+        ahead = sent / rate - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+    producer.flush()
+    queue.put(sent / (time.monotonic() - started))
+    producer.close()
+
+
+def _wait_counted(
+    api: HttpSelector, path: str, field_name: str, value: int, timeout: float = 10.0
+) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = api.get(path)
+        if status == 200 and body[field_name] >= value:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def latency(
+    settings: Settings,
+    report: SpineReport,
+    console: Console,
+    background_rate: float = 2000.0,
+    probes: int = 100,
+    select_seconds: float = 10.0,
+) -> None:
+    """Click -> decision visible over HTTP while ~2,000 events/s flow; then select load.
+
+    The background traffic and the select load each run in their own process, as an
+    exchange would; probes use a campaign x audience of their own.
+    """
+    ctx = mp.get_context("spawn")
     with Supervisor(settings) as sup:
         sup.wait_http_ready()
         api = HttpSelector(settings.api_host, settings.api_port)
         for i in range(4):
             api.register(Creative(creative_id=f"lat-c{i}", campaign="lat", headline=f"Ad {i}"))
-        producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, settings, linger_ms=1,
-                                                       acks=1))
-        stop = threading.Event()
-        sent = [0]
-
-        def background() -> None:
-            rng = np.random.default_rng(3)
-            started = time.monotonic()
-            while not stop.is_set():
-                impression_id = f"bg{sent[0]}"
-                imp = Impression(impression_id=impression_id, timestamp=time.time(),
-                                 campaign="lat", audience=f"aud-{1 + sent[0] % 3}",
-                                 placement="feed", creative_id=f"lat-c{sent[0] % 4}",
-                                 propensity=0.25, policy="uniform")
-                producer.send(settings.topic("impressions"), _enc(imp),
-                              key=impression_id.encode())
-                if rng.random() < 0.05:
-                    producer.send(settings.topic("clicks"),
-                                  _enc(Click(impression_id=impression_id,
-                                             timestamp=time.time())),
-                                  key=impression_id.encode())
-                sent[0] += 1
-                ahead = sent[0] / background_rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-
-        thread = threading.Thread(target=background, daemon=True)
-        bg_started = time.monotonic()
-        thread.start()
-        time.sleep(3.0)  # warm up: groups joined, decisions flowing
+        producer = KafkaProducer(
+            **kafka_python_kwargs(KafkaProducer, settings, linger_ms=0, acks=1)
+        )
+        duration = 8.0 + probes * 0.3 + select_seconds
+        rate_queue: mp.Queue = ctx.Queue()
+        traffic = ctx.Process(
+            target=_background_traffic, args=(settings, background_rate, duration, rate_queue)
+        )
+        traffic.start()
+        # Warm up: every stage running and decisions flowing for the background traffic.
+        if not _wait_counted(api, "/v1/campaigns/lat/audiences/aud-1/decision", "impressions",
+                             1, timeout=60):
+            raise RuntimeError(f"pipeline did not start:\n{sup.tail('worker')}")
+        time.sleep(1.0)
         path = "/v1/campaigns/lat/audiences/probe/decision"
-        latencies = []
-        for i in range(probes):
-            impression_id = f"probe{i}"
-            producer.send(settings.topic("impressions"), _enc(Impression(
-                impression_id=impression_id, timestamp=time.time(), campaign="lat",
-                audience="probe", placement="feed", creative_id="lat-c0", propensity=0.25,
-                policy="uniform")), key=impression_id.encode())
-            producer.flush()
-            while True:  # wait until the impression is counted
-                status, body = api.get(path)
-                if status == 200 and body["impressions"] == i + 1:
-                    break
-                time.sleep(0.002)
-            t0 = time.perf_counter()
-            producer.send(settings.topic("clicks"), _enc(Click(
-                impression_id=impression_id, timestamp=time.time())),
-                key=impression_id.encode())
-            producer.flush()
-            while True:
-                status, body = api.get(path)
-                if status == 200 and body["clicks"] == i + 1:
-                    break
-                time.sleep(0.001)
-            latencies.append((time.perf_counter() - t0) * 1000)
-        report.click_to_decision_ms = _pct(latencies)
-        console.print(f"click -> decision over HTTP at ~{background_rate:,.0f} events/s: "
-                      f"p50 {report.click_to_decision_ms['p50']:.1f} ms, "
-                      f"p99 {report.click_to_decision_ms['p99']:.1f} ms")
-        # Select under load from another process, while the background traffic goes on.
-        queue: mp.Queue = mp.get_context("spawn").Queue()
-        loader = mp.get_context("spawn").Process(
-            target=_select_load, args=(settings.api_host, settings.api_port, select_seconds,
-                                       queue))
+        latencies, lost = [], 0
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("click -> decision probes", total=probes)
+            for i in range(probes):
+                impression_id = f"probe{i}"
+                producer.send(
+                    settings.topic("impressions"),
+                    _enc(
+                        Impression(
+                            impression_id=impression_id,
+                            timestamp=time.time(),
+                            campaign="lat",
+                            audience="probe",
+                            placement="feed",
+                            creative_id="lat-c0",
+                            propensity=0.25,
+                            policy="uniform",
+                        )
+                    ),
+                    key=impression_id.encode(),
+                )
+                producer.flush()
+                if not _wait_counted(api, path, "impressions", i + 1):
+                    lost += 1
+                    continue
+                clicks_before = api.get(path)[1]["clicks"]
+                t0 = time.perf_counter()
+                producer.send(
+                    settings.topic("clicks"),
+                    _enc(Click(impression_id=impression_id, timestamp=time.time())),
+                    key=impression_id.encode(),
+                )
+                producer.flush()
+                if _wait_counted(api, path, "clicks", clicks_before + 1):
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                else:
+                    lost += 1
+                progress.advance(task)
+        report.click_to_decision_ms = {**_pct(latencies), "lost": float(lost)}
+        console.print(
+            f"click -> decision over HTTP at ~{background_rate:,.0f} events/s: "
+            f"p50 {report.click_to_decision_ms['p50']:.1f} ms, "
+            f"p99 {report.click_to_decision_ms['p99']:.1f} ms ({lost} timed out)"
+        )
+        select_queue: mp.Queue = ctx.Queue()
+        loader = ctx.Process(
+            target=_select_load,
+            args=(settings.api_host, settings.api_port, select_seconds, select_queue),
+        )
         loader.start()
-        select_latencies = queue.get(timeout=select_seconds + 60)
+        select_latencies = select_queue.get(timeout=select_seconds + 60)
         loader.join()
-        stop.set()
-        thread.join()
-        report.background_rate = sent[0] / (time.monotonic() - bg_started)
+        report.background_rate = rate_queue.get(timeout=duration + 60)
+        traffic.join()
         report.select_ms = _pct(select_latencies)
         report.select_rps = len(select_latencies) / select_seconds
+        report.process_usage_latency = process_usage(sup)
         producer.close()
-    console.print(f"select under load (another process, keep-alive, sequential): "
-                  f"{report.select_rps:,.0f} req/s, p50 {report.select_ms['p50']:.2f} ms, "
-                  f"p99 {report.select_ms['p99']:.2f} ms")
+    console.print(
+        f"select under load (another process, keep-alive, sequential): "
+        f"{report.select_rps:,.0f} req/s, p50 {report.select_ms['p50']:.2f} ms, "
+        f"p99 {report.select_ms['p99']:.2f} ms; background traffic "
+        f"{report.background_rate:,.0f} impressions/s"
+    )
 
 
 def _enc(record: Impression | Click) -> bytes:
@@ -212,11 +287,14 @@ def run(events: int, broker: str | None, out: Path) -> SpineReport:
     table.add_row("adloop: ingest + posterior agent", f"{report.adloop_events_per_s:,.0f}/s")
     table.add_row("ratio (goal >= 0.3)", f"{report.ratio:.2f}")
     table.add_row("counts exact", str(report.counts_exact))
-    table.add_row("click -> decision over HTTP p50 / p99",
-                  f"{report.click_to_decision_ms['p50']:.1f} / "
-                  f"{report.click_to_decision_ms['p99']:.1f} ms")
-    table.add_row("select p50 / p99 under load",
-                  f"{report.select_ms['p50']:.2f} / {report.select_ms['p99']:.2f} ms")
+    table.add_row(
+        "click -> decision over HTTP p50 / p99",
+        f"{report.click_to_decision_ms['p50']:.1f} / {report.click_to_decision_ms['p99']:.1f} ms",
+    )
+    table.add_row(
+        "select p50 / p99 under load",
+        f"{report.select_ms['p50']:.2f} / {report.select_ms['p99']:.2f} ms",
+    )
     console.print(table)
     console.print(f"written to {out / 'spine.json'}")
     return report

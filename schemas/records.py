@@ -52,7 +52,9 @@ ContextValue = str | int | float | bool
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=300)]
 
 
-class Record(msgspec.Struct, kw_only=True, omit_defaults=False):
+# gc=False: decoded records hold no reference cycles, and keeping millions of them
+# out of the cyclic garbage collector's scans is worth ~10 % of ingest throughput.
+class Record(msgspec.Struct, kw_only=True, omit_defaults=False, gc=False):
     schema_version: Version = SCHEMA_VERSION
 
 
@@ -138,6 +140,9 @@ class Decision(Record, kw_only=True):
     impressions: int
     clicks: int
     updated_at: float
+    # Event time of the newest event counted: updated_at - last_event_at is how far
+    # the decision trails the exchange.
+    last_event_at: float = 0.0
     policy: str = "thompson"
 
 
@@ -154,7 +159,7 @@ class DeadLetter(Record, kw_only=True):
     failed_at: float
 
 
-class CreativeCounts(msgspec.Struct, array_like=True):
+class CreativeCounts(msgspec.Struct, array_like=True, gc=False):
     impressions: int = 0
     clicks: int = 0
     conversions: int = 0
@@ -162,18 +167,19 @@ class CreativeCounts(msgspec.Struct, array_like=True):
 
 
 class OutcomeSnapshot(Record, kw_only=True):
-    """Internal: cumulative counts for one campaign x audience from one source partition.
+    """Internal: cumulative counts for one campaign x audience, per source partition.
 
-    The ingest stage publishes the *whole* cumulative state for the key each time
-    it changes, never a delta: applying a snapshot twice, or an older one before
-    a newer one, leaves the posterior exact once the newest has arrived.
+    The ingest stage publishes the *whole* cumulative state for the key from each
+    source partition whose counts changed, never a delta: applying a snapshot
+    twice, or an older one before a newer one, leaves the posterior exact once the
+    newest has arrived. One message carries every changed source partition of the
+    ingest instance, so the worker sees one message per key per flush.
     """
 
     campaign: str
     audience: str
-    source_partition: int
-    # counts[creative_id][placement]
-    counts: dict[str, dict[str, CreativeCounts]]
+    # sources[source_partition][creative_id][placement]
+    sources: dict[int, dict[str, dict[str, CreativeCounts]]]
     emitted_at: float
     # Event time of the newest event in this snapshot, for latency measurement.
     last_event_at: float = 0.0

@@ -42,8 +42,13 @@ def _faust_credentials(settings: Settings) -> Any:
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
     """faust.App keyword arguments derived from our Settings (pass-through last)."""
+    scheme = "kafka"
+    if settings.fetch_max_wait_ms is not None:
+        from streams.faust_transport import register
+
+        scheme = register(settings.fetch_max_wait_ms)
     conf: dict[str, Any] = {
-        "broker": ";".join(f"kafka://{h}" for h in settings.bootstrap_servers.split(",")),
+        "broker": ";".join(f"{scheme}://{h}" for h in settings.bootstrap_servers.split(",")),
         "store": "rocksdb://",
         "datadir": str(settings.data_dir / "worker"),
         "topic_partitions": settings.partitions,
@@ -90,7 +95,10 @@ class PosteriorWorker:
         # bytes key/value types make Faust store and changelog them raw: we encode
         # PosteriorState with msgpack ourselves.
         self.posteriors = self.app.Table(
-            "posteriors", default=None, key_type=bytes, value_type=bytes,
+            "posteriors",
+            default=None,
+            key_type=bytes,
+            value_type=bytes,
             partitions=settings.partitions,
         )
         self._snapshot_decoder = msgspec.json.Decoder(OutcomeSnapshot)

@@ -427,18 +427,14 @@ def ensure_broker(
 ) -> tuple[Settings, EmbeddedBroker | None]:
     """Use the configured broker, or start the embedded one (the caller stops it).
 
-    With the embedded broker the consumer session/heartbeat timeouts default to
-    2 s / 0.5 s so a fresh consumer group does not wait Faust's 15 s first join.
+    With the embedded broker the timings are tuned for it (see
+    ``Settings.for_embedded_broker``).
     """
     if settings.broker:
         log.info("broker external url=%s", settings.broker)
         return settings, None
     broker = EmbeddedBroker(**broker_kwargs).start()
-    updated = settings.with_overrides(
-        broker=broker.url,
-        session_timeout_s=settings.session_timeout_s or 2.0,
-        heartbeat_interval_s=settings.heartbeat_interval_s or 0.5,
-    )
+    updated = settings.for_embedded_broker(broker.url)
     log.info("broker embedded url=%s port=%d pid=%d", broker.url, broker.port, broker.pid)
     return updated, broker
 

@@ -199,11 +199,15 @@ def bench() -> None:
 
 
 @bench.command("spine")
-@click.option("--events", type=int, default=200_000, show_default=True,
-              help="impressions to replay (clicks come on top, 5 %)")
+@click.option(
+    "--events",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="impressions to replay (clicks come on top, 5 %)",
+)
 @click.option("--broker", help="kafka://host:port (default: embedded)")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("results"),
-              show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 def bench_spine(events: int, broker: str | None, out: Path) -> None:
     """Throughput vs. the raw-consume ceiling, click->decision and select latency."""
     configure_logging("WARNING")

@@ -34,7 +34,7 @@ class PosteriorState(msgspec.Struct):
     last_event_at: float = 0.0
 
     def apply(self, snapshot: OutcomeSnapshot) -> None:
-        self.sources[snapshot.source_partition] = snapshot.counts
+        self.sources.update(snapshot.sources)
         self.last_event_at = max(self.last_event_at, snapshot.last_event_at)
 
     def totals(self) -> dict[str, CreativeCounts]:
@@ -171,4 +171,5 @@ def build_decision(
         impressions=sum(c.impressions for c in totals.values()),
         clicks=sum(c.clicks for c in totals.values()),
         updated_at=now,
+        last_event_at=state.last_event_at,
     )

@@ -73,20 +73,28 @@ class RegistryFollower:
         self._decoder = msgspec.json.Decoder(Creative)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._tps: list[TopicPartition] = []
+        self._positions: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         topic = self.settings.topic("creatives")
         self._consumer = AIOKafkaConsumer(
-            **consumer_kwargs(self.settings, group_id=None, fetch_max_wait_ms=50)
+            **consumer_kwargs(
+                # Creatives change rarely: poll gently; sync() catches up on demand.
+                self.settings,
+                group_id=None,
+                fetch_max_wait_ms=max(self.settings.fetch_wait_ms, 100),
+            )
         )
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(topic) or set()
         if not partitions:
             partitions = set(range(self.settings.partitions))
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        end = await self._consumer.end_offsets(tps)
+        self._tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._consumer.assign(self._tps)
+        for tp in self._tps:
+            self._consumer.seek(tp, 0)
+        end = await self._consumer.end_offsets(self._tps)
         self._task = asyncio.create_task(self._run(dict(end)), name="registry-follower")
 
     async def _run(self, end: dict[TopicPartition, int]) -> None:
@@ -101,8 +109,25 @@ class RegistryFollower:
                     self._apply(record.value)
                     if tp in remaining and record.offset + 1 >= remaining[tp]:
                         del remaining[tp]
+                if records:
+                    self._positions[tp] = records[-1].offset + 1
             if not self.caught_up.is_set() and not remaining:
                 self.caught_up.set()
+
+    async def sync(self, timeout: float = 2.0) -> bool:
+        """Wait until every creative published so far is applied (False on timeout).
+
+        For a reader that meets an id it does not know: the creative may have been
+        registered a moment ago.
+        """
+        assert self._consumer is not None
+        end = await self._consumer.end_offsets(self._tps)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(self._positions.get(tp, 0) < offset for tp, offset in end.items()):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
     def _apply(self, value: bytes | None) -> None:
         if value is None:

@@ -120,7 +120,9 @@ class DecisionFollower:
     async def start(self) -> None:
         topic = self.settings.topic("decisions")
         self._consumer = AIOKafkaConsumer(
-            **consumer_kwargs(self.settings, group_id=None, fetch_max_wait_ms=5)
+            **consumer_kwargs(
+                self.settings, group_id=None, fetch_max_wait_ms=self.settings.fetch_wait_ms
+            )
         )
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(topic) or range(self.settings.partitions)
@@ -234,8 +236,11 @@ class ServingApi:
         """The worker's serving probabilities, if it served the same creatives we would."""
         if decision is None:
             return None
-        served = {r.creative_id: r.serving_probability for r in decision.creatives
-                  if r.serving_probability > 0}
+        served = {
+            r.creative_id: r.serving_probability
+            for r in decision.creatives
+            if r.serving_probability > 0
+        }
         if set(served) != {c.creative_id for c in creatives}:
             return None
         probabilities = np.array([served[c.creative_id] for c in creatives])

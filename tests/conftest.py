@@ -29,9 +29,5 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     """Settings on the session broker, with topics of their own (a unique prefix)."""
     return Settings(
-        broker=broker.url,
-        topic_prefix=f"t{uuid4().hex[:8]}.",
-        data_dir=tmp_path / "data",
-        session_timeout_s=2.0,
-        heartbeat_interval_s=0.5,
-    )
+        topic_prefix=f"t{uuid4().hex[:8]}.", data_dir=tmp_path / "data"
+    ).for_embedded_broker(broker.url)

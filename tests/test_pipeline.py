@@ -74,6 +74,10 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     time.sleep(0.5)
     stack.publish("impressions", "i7", imp("i7", "c2", "parents"))
 
+    # A creative registered a moment ago is known by the time its impression counts.
+    stack.register(Creative(creative_id="c4", campaign="spring", headline="Brand new"))
+    stack.publish("impressions", "i8", imp("i8", "c4", "parents"))
+
     # Every kind of bad input.
     good = json.dumps(imp("b1", "c1")).encode()
     bad("impressions", "b1", b'{"impression_id": "b1", ', "malformed_json")
@@ -96,8 +100,9 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     bad("clicks", "b10", b"null", "wrong_type")
     stack.flush()
 
-    expected_students = {"c1": (2, 1), "c2": (1, 1), "c3": (1, 0)}
-    expected_parents = {"c1": (1, 0), "c2": (2, 2)}
+    # c4 targets every audience: listed for students too, without traffic yet.
+    expected_students = {"c1": (2, 1), "c2": (1, 1), "c3": (1, 0), "c4": (0, 0)}
+    expected_parents = {"c1": (1, 0), "c2": (2, 2), "c4": (1, 0)}
     stack.wait_for(
         lambda: stack.counts("spring", "students") == expected_students
         and stack.counts("spring", "parents") == expected_parents,
