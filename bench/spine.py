@@ -160,7 +160,8 @@ def _wait_counted(
         status, body = api.get(path)
         if status == 200 and body[field_name] >= value:
             return True
-        time.sleep(0.001)
+        # Polling faster would load the 2-core machine more than it sharpens the figure.
+        time.sleep(0.002)
     return False
 
 
@@ -193,8 +194,9 @@ def latency(
         )
         traffic.start()
         # Warm up: every stage running and decisions flowing for the background traffic.
-        if not _wait_counted(api, "/v1/campaigns/lat/audiences/aud-1/decision", "impressions",
-                             1, timeout=60):
+        if not _wait_counted(
+            api, "/v1/campaigns/lat/audiences/aud-1/decision", "impressions", 1, timeout=60
+        ):
             raise RuntimeError(f"pipeline did not start:\n{sup.tail('worker')}")
         time.sleep(1.0)
         path = "/v1/campaigns/lat/audiences/probe/decision"

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -30,6 +30,8 @@ class DemoSummary:
     counted_clicks: int
     select_p50_ms: float
     select_p99_ms: float
+    bad_events_sent: int = 0
+    dead_lettered: int = 0
 
     @property
     def ok(self) -> bool:
@@ -126,24 +128,29 @@ def run_demo(
         try:
             if live:
                 live.start()
-            for i in range(events):
-                target = started + i / rate
-                now = time.monotonic()
-                if target > now:
-                    time.sleep(target - now)
-                exchange.step(time.time())
-                if now >= next_view:
-                    sup.check()
-                    next_view = now + 0.5
-                    if live:
-                        live.update(_view(api, scenario, exchange, started))
-                    elif i:
-                        log.info("progress", extra={"impressions": i})
+            try:
+                for i in range(events):
+                    target = started + i / rate
+                    now = time.monotonic()
+                    if target > now:
+                        time.sleep(target - now)
+                    exchange.step(time.time())
+                    if now >= next_view:
+                        sup.check()
+                        next_view = now + 0.5
+                        if live:
+                            live.update(_view(api, scenario, exchange, started))
+                        elif i:
+                            log.info("progress", extra={"impressions": i, "of": events})
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted: finishing with a summary of what was sent[/]")
             # Let the last clicks fall due, then publish them.
             time.sleep(exchange.click_delay_s * 3)
             exchange.flush_clicks(time.time(), force=True)
             producer.flush()
             summary = _wait_for_counts(api, scenario, exchange, timeout=60.0)
+            summary.bad_events_sent = exchange.tally.bad_events
+            summary.dead_lettered = _count_dead_letters(settings)
             if live:
                 live.update(_view(api, scenario, exchange, started))
         finally:
@@ -187,6 +194,21 @@ def _wait_for_counts(
         select_p50_ms=_percentile(tally.select_ms, 0.5),
         select_p99_ms=_percentile(tally.select_ms, 0.99),
     )
+
+
+def _count_dead_letters(settings: Settings) -> int:
+    consumer = KafkaConsumer(
+        **kafka_python_kwargs(
+            KafkaConsumer, settings, auto_offset_reset="earliest", consumer_timeout_ms=1000
+        )
+    )
+    topic = settings.topic("dead_letter")
+    tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+    consumer.assign(tps)
+    end = consumer.end_offsets(tps)
+    start = consumer.beginning_offsets(tps)
+    consumer.close()
+    return sum(end[tp] - start[tp] for tp in tps)
 
 
 def _print_summary(console: Console, s: DemoSummary) -> None:

@@ -446,7 +446,12 @@ class Ingest:
         assert self._consumer is not None
         consumer = self._consumer
         max_records = self.settings.ingest_batch_max_events
+        next_report = time.monotonic() + 30.0
         while not self._stopping.is_set():
+            if time.monotonic() >= next_report:
+                # Counters as a structured log line: events by kind, dead letters by reason.
+                log.info("ingest counters", extra={"metrics": self.metrics.as_dict()})
+                next_report = time.monotonic() + 30.0
             batches = await consumer.getmany(timeout_ms=20, max_records=max_records)
             if batches:
                 self.process(batches)

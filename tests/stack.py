@@ -70,8 +70,13 @@ class Stack:
             return {}
         return {r["creative_id"]: (r["impressions"], r["clicks"]) for r in decision["creatives"]}
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 60.0,
-                 what: str = "condition", state: Callable[[], object] | None = None) -> None:
+    def wait_for(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float = 60.0,
+        what: str = "condition",
+        state: Callable[[], object] | None = None,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sup.check()
@@ -86,8 +91,9 @@ class Stack:
 
     def dead_letters(self, expected: int, timeout: float = 30.0) -> list[dict]:
         consumer = KafkaConsumer(
-            **kafka_python_kwargs(KafkaConsumer, self.settings, auto_offset_reset="earliest",
-                                  consumer_timeout_ms=500)
+            **kafka_python_kwargs(
+                KafkaConsumer, self.settings, auto_offset_reset="earliest", consumer_timeout_ms=500
+            )
         )
         topic = self.settings.topic("dead_letter")
         tps = [TopicPartition(topic, p) for p in range(self.settings.partitions)]

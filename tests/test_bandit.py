@@ -525,8 +525,16 @@ def test_from_dict_rejects_non_numeric_priors() -> None:
 
 def test_bandit_does_no_io() -> None:
     """Pure maths: numpy, scipy and the standard library only (no Kafka, Faust, files)."""
-    allowed = {"__future__", "collections", "dataclasses", "math", "numbers", "typing", "numpy",
-               "scipy"}
+    allowed = {
+        "__future__",
+        "collections",
+        "dataclasses",
+        "math",
+        "numbers",
+        "typing",
+        "numpy",
+        "scipy",
+    }
     for path in BANDIT_DIR.glob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):

@@ -27,8 +27,9 @@ EVENTS = 20_000
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Settings) -> None:
     stack = Stack(settings).start()
     try:
-        stack.register(*(Creative(creative_id=c, campaign="k", headline=f"Ad {c}")
-                         for c in CREATIVES))
+        stack.register(
+            *(Creative(creative_id=c, campaign="k", headline=f"Ad {c}") for c in CREATIVES)
+        )
         expected: dict[str, dict[str, list[int]]] = {
             a: {c: [0, 0] for c in CREATIVES} for a in AUDIENCES
         }
@@ -39,8 +40,11 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
             for i in range(EVENTS):
                 creative, audience = CREATIVES[i % 3], AUDIENCES[(i // 3) % 4]
                 impression_id = f"e{i}"
-                stack.publish("impressions", impression_id,
-                              imp(impression_id, creative, audience, campaign="k"))
+                stack.publish(
+                    "impressions",
+                    impression_id,
+                    imp(impression_id, creative, audience, campaign="k"),
+                )
                 expected[audience][creative][0] += 1
                 if i % 7 == 0:
                     stack.publish("clicks", impression_id, click(impression_id))
@@ -54,8 +58,12 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
 
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
-        kills = [(1.0, ("ingest",)), (2.0, ("worker",)), (3.0, ("ingest",)),
-                 (4.0, ("ingest", "worker"))]
+        kills = [
+            (1.0, ("ingest",)),
+            (2.0, ("worker",)),
+            (3.0, ("ingest",)),
+            (4.0, ("ingest", "worker")),
+        ]
         started = time.monotonic()
         for at, roles in kills:
             time.sleep(max(0.0, started + at - time.monotonic()))
@@ -72,8 +80,9 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
         def counts() -> dict[str, dict[str, tuple[int, int]]]:
             return {a: stack.counts("k", a) for a in AUDIENCES}
 
-        stack.wait_for(lambda: counts() == want, timeout=120, what="exact counts after crashes",
-                       state=counts)
+        stack.wait_for(
+            lambda: counts() == want, timeout=120, what="exact counts after crashes", state=counts
+        )
         # Still exact a moment later (no late duplicates), and no dead letters at all.
         time.sleep(2.0)
         assert counts() == want

@@ -24,12 +24,25 @@ T0 = 1_760_000_000.0
 WINDOW = 600.0
 
 
-def imp(impression_id: str, creative: str, audience: str = "students",
-        campaign: str = "spring", ts: float = T0, **extra: object) -> dict:
+def imp(
+    impression_id: str,
+    creative: str,
+    audience: str = "students",
+    campaign: str = "spring",
+    ts: float = T0,
+    **extra: object,
+) -> dict:
     return {
-        "schema_version": 1, "impression_id": impression_id, "timestamp": ts,
-        "campaign": campaign, "audience": audience, "placement": "feed",
-        "creative_id": creative, "propensity": 0.5, "policy": "thompson", **extra,
+        "schema_version": 1,
+        "impression_id": impression_id,
+        "timestamp": ts,
+        "campaign": campaign,
+        "audience": audience,
+        "placement": "feed",
+        "creative_id": creative,
+        "propensity": 0.5,
+        "policy": "thompson",
+        **extra,
     }
 
 
@@ -43,8 +56,9 @@ def stack(settings: Settings) -> Iterator[Stack]:
     s.register(
         Creative(creative_id="c1", campaign="spring", headline="Spring sale: 30% off"),
         Creative(creative_id="c2", campaign="spring", headline="Free shipping today"),
-        Creative(creative_id="c3", campaign="spring", headline="Students only",
-                 audiences=["students"]),
+        Creative(
+            creative_id="c3", campaign="spring", headline="Students only", audiences=["students"]
+        ),
     )
     try:
         yield s
@@ -64,13 +78,25 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     stack.flush()
     # Valid traffic.
     for i, (creative, audience) in enumerate(
-        [("c1", "students"), ("c1", "students"), ("c2", "students"), ("c3", "students"),
-         ("c1", "parents"), ("c2", "parents")], start=1
+        [
+            ("c1", "students"),
+            ("c1", "students"),
+            ("c2", "students"),
+            ("c3", "students"),
+            ("c1", "parents"),
+            ("c2", "parents"),
+        ],
+        start=1,
     ):
         stack.publish("impressions", f"i{i}", imp(f"i{i}", creative, audience))
     stack.publish("clicks", "i1", click("i1"))
     stack.publish("clicks", "i3", click("i3"))
     stack.publish("clicks", "i6", click("i6"))
+    stack.publish(
+        "conversions",
+        "i6",
+        {"schema_version": 1, "impression_id": "i6", "timestamp": T0 + 30, "value": 12.5},
+    )
     time.sleep(0.5)
     stack.publish("impressions", "i7", imp("i7", "c2", "parents"))
 
@@ -82,14 +108,21 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     good = json.dumps(imp("b1", "c1")).encode()
     bad("impressions", "b1", b'{"impression_id": "b1", ', "malformed_json")
     bad("impressions", "b2", imp("b2", "c1", timestamp="soon"), "wrong_type")
-    bad("impressions", "b3", {k: v for k, v in imp("b3", "c1").items() if k != "creative_id"},
-        "missing_field")
+    bad(
+        "impressions",
+        "b3",
+        {k: v for k, v in imp("b3", "c1").items() if k != "creative_id"},
+        "missing_field",
+    )
     bad("impressions", "b4", imp("b4", "c1", schema_version=9), "unsupported_schema_version")
-    bad("impressions", "b5", good.replace(b'"propensity": 0.5', b'"propensity": NaN'),
-        "malformed_json")
+    bad(
+        "impressions",
+        "b5",
+        good.replace(b'"propensity": 0.5', b'"propensity": NaN'),
+        "malformed_json",
+    )
     bad("impressions", "b6", imp("b6", "c1", propensity=-0.5), "invalid_value")
-    bad("impressions", "b7", imp("b7", "c1", context={"pad": "x" * 20_000}),
-        "oversized_payload")
+    bad("impressions", "b7", imp("b7", "c1", context={"pad": "x" * 20_000}), "oversized_payload")
     bad("impressions", "b8", imp("b8", "c-nope"), "unknown_creative")
     bad("impressions", "b9", imp("b9", "c1", campaign="autumn"), "unknown_campaign")
     bad("impressions", "b11", imp("b11", "c1", audience="a|b"), "invalid_value")
@@ -98,14 +131,28 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     bad("clicks", "ghost", click("ghost"), "unknown_impression")
     bad("clicks", "i2", click("i2", T0 + WINDOW + 1), "late_click")
     bad("clicks", "b10", b"null", "wrong_type")
+    bad(
+        "conversions",
+        "i6",
+        {"schema_version": 1, "impression_id": "i6", "timestamp": T0 + 40},
+        "duplicate_conversion",
+    )
+    bad(
+        "conversions",
+        "i5",
+        {"schema_version": 1, "impression_id": "i5", "timestamp": T0 + WINDOW + 5},
+        "late_conversion",
+    )
     stack.flush()
 
     # c4 targets every audience: listed for students too, without traffic yet.
     expected_students = {"c1": (2, 1), "c2": (1, 1), "c3": (1, 0), "c4": (0, 0)}
     expected_parents = {"c1": (1, 0), "c2": (2, 2), "c4": (1, 0)}
     stack.wait_for(
-        lambda: stack.counts("spring", "students") == expected_students
-        and stack.counts("spring", "parents") == expected_parents,
+        lambda: (
+            stack.counts("spring", "students") == expected_students
+            and stack.counts("spring", "parents") == expected_parents
+        ),
         what="exact counts",
         state=lambda: (stack.counts("spring", "students"), stack.counts("spring", "parents")),
     )
@@ -113,10 +160,15 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     assert Counter(letter["reason_code"] for letter in letters) == expected_dead
     for letter in letters:
         assert letter["reason"], letter
-        assert letter["topic"].endswith(("impressions", "clicks"))
+        assert letter["topic"].endswith(("impressions", "clicks", "conversions"))
     by_key = {(letter["key_b64"], letter["reason_code"]): letter for letter in letters}
     dup = by_key[("aTE=", "duplicate_impression_id")]  # base64("i1")
     assert json.loads(dup["original"])["creative_id"] == "c2"
+
+    parents = stack.decision("spring", "parents")
+    assert parents is not None
+    c2 = next(r for r in parents["creatives"] if r["creative_id"] == "c2")
+    assert c2["conversions"] == 1
 
     # Nothing changed after the dead letters: the counts stay exact.
     time.sleep(1.0)
