@@ -174,12 +174,16 @@ def up(**flags: Any) -> None:
 @click.option(
     "--events",
     type=int,
-    default=200_000,
+    default=30_000,
     show_default=True,
     help="impressions the simulated exchange sends before the summary",
 )
 @click.option(
-    "--rate", type=float, default=2000.0, show_default=True, help="impressions per second"
+    "--rate",
+    type=float,
+    default=1000.0,
+    show_default=True,
+    help="impressions per second (the simulated exchange is one Python thread)",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--no-live", is_flag=True, help="no live console view (for logs/CI)")
