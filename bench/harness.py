@@ -20,11 +20,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.progress import Progress
 
 from schemas import Click, Creative, Impression
-from streams.broker import ensure_broker
 from streams.config import Settings
 from streams.kafka import consumer_kwargs, producer_kwargs
 from streams.supervisor import Supervisor
-from streams.topics import ensure_topics_sync
+from streams.topics import broker_with_topics
 
 CAMPAIGNS = ["bench-a", "bench-b"]
 AUDIENCES = ["aud-1", "aud-2", "aud-3", "aud-4", "aud-5"]
@@ -42,13 +41,8 @@ def deployment(broker: str | None = None, **overrides: object) -> Iterator[Setti
         data_dir=data_dir,
         **overrides,  # type: ignore[arg-type]
     )
-    settings, embedded = ensure_broker(base)
-    try:
-        ensure_topics_sync(settings)
+    with broker_with_topics(base) as settings:
         yield settings
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
 
 def free_port() -> int:

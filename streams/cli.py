@@ -8,10 +8,9 @@ need Kafka start the embedded broker and stop it on exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 
 from streams.config import Settings, load_settings
 from streams.logs import configure_logging
+from streams.topics import broker_with_topics
 
 log = logging.getLogger("adloop.cli")
 
@@ -47,21 +47,6 @@ def _load(**flags: Any) -> Settings:
         raise click.UsageError(f"invalid configuration:\n{exc}") from None
 
 
-@contextlib.contextmanager
-def _broker(settings: Settings) -> Iterator[Settings]:
-    """Settings with a reachable broker and adloop's topics created."""
-    from streams.broker import ensure_broker
-    from streams.topics import ensure_topics_sync
-
-    settings, embedded = ensure_broker(settings)
-    try:
-        ensure_topics_sync(settings)
-        yield settings
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
 @click.group()
 def main() -> None:
     """adloop: real-time streaming optimizer for ad creatives."""
@@ -75,7 +60,7 @@ def broker(**flags: Any) -> None:
     import signal
     import threading
 
-    with _broker(settings) as live:
+    with broker_with_topics(settings) as live:
         click.echo(f"broker ready: export ADLOOP_BROKER={live.broker}")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -155,7 +140,7 @@ def up(**flags: Any) -> None:
 
     from streams.supervisor import Supervisor
 
-    with _broker(settings) as live, Supervisor(live) as sup:
+    with broker_with_topics(settings) as live, Supervisor(live) as sup:
         sup.wait_http_ready()
         click.echo(
             f"adloop up: broker {live.broker}, API http://{live.api_host}:{live.api_port}, "
@@ -192,7 +177,7 @@ def demo(events: int, rate: float, seed: int, no_live: bool, **flags: Any) -> No
     settings = _load(**flags)
     from streams.demo import run_demo
 
-    with _broker(settings) as live:
+    with broker_with_topics(settings) as live:
         summary = run_demo(live, events=events, rate=rate, seed=seed, live_view=not no_live)
     sys.exit(0 if summary.ok else 1)
 

@@ -12,7 +12,6 @@ evaluation needs in the logs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -22,15 +21,15 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
-from bandit import BetaArms
-from schemas import Creative, Decision, RecordDecoder, decision_key
+from schemas import Creative, CreativeCounts, Decision, RecordDecoder, decision_key
 from schemas.records import ContextValue, Identifier
 from schemas.validation import InvalidRecord
 from streams.config import Settings
-from streams.kafka import consumer_kwargs, producer_kwargs
-from streams.posterior import prior_for, with_exploration_floor
+from streams.follower import TopicFollower
+from streams.kafka import producer_kwargs
+from streams.posterior import build_arms, with_exploration_floor
 from streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.serve")
@@ -106,56 +105,21 @@ class _Selection:
     cold_start: bool
 
 
-class DecisionFollower:
+class DecisionFollower(TopicFollower):
     """Keeps the latest Decision per campaign x audience from the compacted topic."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        super().__init__(settings, "decisions", settings.fetch_wait_ms)
         self.decisions: dict[str, Decision] = {}
-        self.caught_up = asyncio.Event()
         self._decoder = msgspec.json.Decoder(Decision)
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        topic = self.settings.topic("decisions")
-        self._consumer = AIOKafkaConsumer(
-            **consumer_kwargs(
-                self.settings, group_id=None, fetch_max_wait_ms=self.settings.fetch_wait_ms
-            )
-        )
-        await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(topic) or range(self.settings.partitions)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        end = await self._consumer.end_offsets(tps)
-        self._task = asyncio.create_task(self._run({tp: o for tp, o in end.items() if o > 0}))
-
-    async def _run(self, remaining: dict[TopicPartition, int]) -> None:
-        assert self._consumer is not None
-        if not remaining:
-            self.caught_up.set()
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=100)
-            for tp, records in batches.items():
-                for record in records:
-                    if record.value is not None and record.key is not None:
-                        try:
-                            self.decisions[record.key.decode()] = self._decoder.decode(record.value)
-                        except msgspec.MsgspecError as exc:
-                            log.warning("skipping invalid decision: %s", exc)
-                    if tp in remaining and record.offset + 1 >= remaining[tp]:
-                        del remaining[tp]
-            if not remaining:
-                self.caught_up.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+    def apply(self, record: Any) -> None:
+        if record.value is None or record.key is None:
+            return
+        try:
+            self.decisions[record.key.decode()] = self._decoder.decode(record.value)
+        except msgspec.MsgspecError as exc:
+            log.warning("skipping invalid decision: %s", exc)
 
 
 class ServingApi:
@@ -178,7 +142,7 @@ class ServingApi:
         await self.registry_follower.start()
         await self.decision_follower.start()
         await self.registry_follower.wait_caught_up()
-        await asyncio.wait_for(self.decision_follower.caught_up.wait(), 30)
+        await self.decision_follower.wait_caught_up()
 
     async def stop(self) -> None:
         await self.decision_follower.stop()
@@ -251,13 +215,11 @@ class ServingApi:
     ) -> np.ndarray:
         """Thompson probabilities from the posterior counts (a creative the worker does
         not know yet starts from its prior)."""
-        stats = {c.creative_id: c for c in decision.creatives} if decision else {}
-        arms = BetaArms.empty()
-        for creative in creatives:
-            arms.add_arm(creative.creative_id, prior_for(creative))
-            row = stats.get(creative.creative_id)
-            if row is not None:
-                arms.set_counts(creative.creative_id, row.impressions, row.clicks)
+        totals = {
+            row.creative_id: CreativeCounts(row.impressions, row.clicks)
+            for row in (decision.creatives if decision else [])
+        }
+        arms = build_arms(creatives, totals)
         return with_exploration_floor(
             arms.selection_probabilities(self.rng, draws=self.settings.selection_draws),
             self.settings.exploration_floor,

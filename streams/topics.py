@@ -10,9 +10,10 @@ asking for one unknown topic by name may create it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,3 +213,18 @@ def ensure_topics_sync(settings: Settings, specs: dict[str, TopicSpec] | None = 
     except RuntimeError:
         return asyncio.run(ensure_topics(settings, specs))
     raise RuntimeError("ensure_topics_sync called from a running event loop: await ensure_topics")
+
+
+@contextlib.contextmanager
+def broker_with_topics(settings: Settings) -> Iterator[Settings]:
+    """``settings`` with a reachable broker (embedded unless configured, stopped on
+    exit) and adloop's topics created."""
+    from streams.broker import ensure_broker
+
+    settings, embedded = ensure_broker(settings)
+    try:
+        ensure_topics_sync(settings)
+        yield settings
+    finally:
+        if embedded is not None:
+            embedded.stop()
