@@ -123,24 +123,13 @@ def _background_traffic(settings: Settings, rate: float, seconds: float, queue: 
         impression_id = f"bg{sent}"
         producer.send(
             settings.topic("impressions"),
-            _enc(
-                Impression(
-                    impression_id=impression_id,
-                    timestamp=time.time(),
-                    campaign="lat",
-                    audience=f"aud-{1 + sent % 3}",
-                    placement="feed",
-                    creative_id=f"lat-c{sent % 4}",
-                    propensity=0.25,
-                    policy="uniform",
-                )
-            ),
+            _lat_impression(impression_id, f"aud-{1 + sent % 3}", f"lat-c{sent % 4}"),
             key=impression_id.encode(),
         )
         if rng.random() < 0.05:
             producer.send(
                 settings.topic("clicks"),
-                _enc(Click(impression_id=impression_id, timestamp=time.time())),
+                _lat_click(impression_id),
                 key=impression_id.encode(),
             )
         sent += 1
@@ -207,18 +196,7 @@ def latency(
                 impression_id = f"probe{i}"
                 producer.send(
                     settings.topic("impressions"),
-                    _enc(
-                        Impression(
-                            impression_id=impression_id,
-                            timestamp=time.time(),
-                            campaign="lat",
-                            audience="probe",
-                            placement="feed",
-                            creative_id="lat-c0",
-                            propensity=0.25,
-                            policy="uniform",
-                        )
-                    ),
+                    _lat_impression(impression_id, "probe", "lat-c0"),
                     key=impression_id.encode(),
                 )
                 producer.flush()
@@ -229,7 +207,7 @@ def latency(
                 t0 = time.perf_counter()
                 producer.send(
                     settings.topic("clicks"),
-                    _enc(Click(impression_id=impression_id, timestamp=time.time())),
+                    _lat_click(impression_id),
                     key=impression_id.encode(),
                 )
                 producer.flush()
@@ -264,6 +242,25 @@ def latency(
         f"p99 {report.select_ms['p99']:.2f} ms; background traffic "
         f"{report.background_rate:,.0f} impressions/s"
     )
+
+
+def _lat_impression(impression_id: str, audience: str, creative_id: str) -> bytes:
+    return _enc(
+        Impression(
+            impression_id=impression_id,
+            timestamp=time.time(),
+            campaign="lat",
+            audience=audience,
+            placement="feed",
+            creative_id=creative_id,
+            propensity=0.25,
+            policy="uniform",
+        )
+    )
+
+
+def _lat_click(impression_id: str) -> bytes:
+    return _enc(Click(impression_id=impression_id, timestamp=time.time()))
 
 
 def _enc(record: Impression | Click) -> bytes:
