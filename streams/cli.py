@@ -159,7 +159,7 @@ def up(**flags: Any) -> None:
 @click.option(
     "--events",
     type=int,
-    default=30_000,
+    default=15_000,
     show_default=True,
     help="impressions the simulated exchange sends before the summary",
 )

@@ -112,7 +112,7 @@ def run_demo(
         for creative in scenario.creatives:
             api.register(creative)
         producer = KafkaProducer(
-            **kafka_python_kwargs(KafkaProducer, settings, linger_ms=5, acks="all")
+            **kafka_python_kwargs(KafkaProducer, settings, linger_ms=20, acks="all")
         )
         topics = {role: settings.topic(role) for role in ("impressions", "clicks")}
 
