@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,9 +223,22 @@ def broker_with_topics(settings: Settings) -> Iterator[Settings]:
     from streams.broker import ensure_broker
 
     settings, embedded = ensure_broker(settings)
+    if embedded is not None:
+        _forget_local_state(settings)
     try:
         ensure_topics_sync(settings)
         yield settings
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _forget_local_state(settings: Settings) -> None:
+    """A fresh embedded broker starts with empty topics: local state derived from an
+    earlier run's topics (ingest checkpoints, the worker's table offsets) would skip
+    or contradict the new data, so it goes."""
+    for role in ("ingest", "worker"):
+        path = settings.data_dir / role
+        if path.exists():
+            shutil.rmtree(path)
+            log.info("cleared state of an earlier embedded run", extra={"path": str(path)})

@@ -14,7 +14,7 @@ from bench.harness import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_demo_runs_end_to_end_and_counts_exactly(tmp_path: Path) -> None:
+def _demo(tmp_path: Path) -> str:
     result = subprocess.run(
         [
             sys.executable,
@@ -38,8 +38,18 @@ def test_demo_runs_end_to_end_and_counts_exactly(tmp_path: Path) -> None:
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
+    return output
+
+
+def test_demo_runs_end_to_end_and_counts_exactly(tmp_path: Path) -> None:
+    output = _demo(tmp_path)
     assert "1,500 / " in output and "exact" in output
     assert "adloop demo summary" in output
+    # Again in the same folder: the new embedded broker starts empty, so the local
+    # state of the first run must not be reused.
+    again = _demo(tmp_path)
+    assert "cleared state of an earlier embedded run" in again
+    assert "exact" in again
     # Nothing left behind: no broker, no adloop role still running from this run.
     leftovers = [
         p
