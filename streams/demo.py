@@ -67,7 +67,7 @@ def _view(
                     f"{row['clicks']:,}",
                     f"{ctr:.2%}",
                     f"{row['mean']:.2%} ({row['ci_low']:.2%}–{row['ci_high']:.2%})",
-                    f"{row['serving_probability']:.0%}",
+                    f"{row['serving_probability']:.1%}",
                     f"{scenario.ctr[(row['creative_id'], audience)]:.2%}",
                 )
         else:
