@@ -83,6 +83,15 @@ def topics(**flags: Any) -> None:
     click.echo("topics ready")
 
 
+def _interrupt_on_signals() -> None:
+    """SIGTERM (and SIGINT, even if inherited as ignored) raise KeyboardInterrupt, so
+    `up` and `demo` unwind through the same clean shutdown as Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _needs_broker(settings: Settings, role: str) -> None:
     if not settings.broker:
         raise click.UsageError(
@@ -136,6 +145,7 @@ def serve(**flags: Any) -> None:
 def up(**flags: Any) -> None:
     """Start everything: broker (embedded unless configured), ingest, worker, serving API."""
     settings = _load(**flags)
+    _interrupt_on_signals()
     import time
 
     from streams.supervisor import Supervisor
@@ -175,6 +185,7 @@ def up(**flags: Any) -> None:
 def demo(events: int, rate: float, seed: int, no_live: bool, **flags: Any) -> None:
     """The main job: embedded broker + adloop + a simulated exchange, with a live view."""
     settings = _load(**flags)
+    _interrupt_on_signals()
     from streams.demo import run_demo
 
     with broker_with_topics(settings) as live:
