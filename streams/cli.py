@@ -57,14 +57,14 @@ def main() -> None:
 def broker(**flags: Any) -> None:
     """Run the embedded Kafka-compatible broker in the foreground (Ctrl-C stops it)."""
     settings = _load(**flags)
-    import signal
     import threading
+
+    from streams.broker import install_shutdown_signals
 
     with broker_with_topics(settings) as live:
         click.echo(f"broker ready: export ADLOOP_BROKER={live.broker}")
         stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        install_shutdown_signals(stop.set)
         stop.wait()
 
 
@@ -85,11 +85,14 @@ def topics(**flags: Any) -> None:
 
 def _interrupt_on_signals() -> None:
     """SIGTERM (and SIGINT, even if inherited as ignored) raise KeyboardInterrupt, so
-    `up` and `demo` unwind through the same clean shutdown as Ctrl-C."""
-    import signal
+    `up` and `demo` unwind through the same clean shutdown as Ctrl-C; a second
+    signal kills at once."""
+    from streams.broker import install_shutdown_signals
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    install_shutdown_signals(interrupt)
 
 
 def _needs_broker(settings: Settings, role: str) -> None:

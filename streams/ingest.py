@@ -37,7 +37,6 @@ import asyncio
 import base64
 import gc
 import logging
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from schemas import (
     RecordDecoder,
     decision_key,
 )
+from streams.broker import install_shutdown_signals
 from streams.config import Settings
 from streams.kafka import consumer_kwargs, producer_kwargs
 from streams.registry import CreativeRegistry, RegistryFollower
@@ -744,9 +744,7 @@ class Ingest:
 
 async def run_ingest(settings: Settings) -> None:
     ingest = Ingest(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, ingest.request_stop)
+    install_shutdown_signals(ingest.request_stop, loop=asyncio.get_running_loop())
     await ingest.start()
     # The hot loop allocates a few objects per event, none in cycles: move start-up
     # objects out of the collector's way and collect young objects less often
