@@ -103,7 +103,6 @@ class PosteriorWorker:
         )
         self._snapshot_decoder = msgspec.json.Decoder(OutcomeSnapshot)
         self._json = msgspec.json.Encoder()
-        self.applied = 0
         self.registry_ready = asyncio.Event()
         # Decisions for a key are computed and enqueued under this lock, so a
         # republish triggered by a creative change never lands after (and
@@ -138,7 +137,6 @@ class PosteriorWorker:
             state = decode_state(self.posteriors.get(key))
             state.apply(snapshot)
             self.posteriors[key] = encode_state(state)
-            self.applied += 1
             # Decisions are coalesced: a burst of snapshots for a key (one per
             # source partition per ingest flush) yields one decision per tick.
             self._dirty.add(key)

@@ -133,7 +133,6 @@ class ServingApi:
         self._producer: AIOKafkaProducer | None = None
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
         self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
-        self.selects = 0
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -247,7 +246,6 @@ class ServingApi:
         index = int(np.searchsorted(chosen.cumulative, self.rng.random(), side="right"))
         index = min(index, len(chosen.creatives) - 1)
         creative = chosen.creatives[index]
-        self.selects += 1
         return _respond(
             SelectResponse(
                 impression_id=uuid.uuid4().hex,
