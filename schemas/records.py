@@ -112,9 +112,24 @@ class Creative(Record, kw_only=True):
     prior_strength: Annotated[float, msgspec.Meta(gt=0, le=1e6)] | None = None
     status: CreativeStatus = "active"
     created_at: Timestamp = 0.0
+    lineage: Lineage | None = None
 
     def targets(self, audience: str) -> bool:
         return not self.audiences or audience in self.audiences
+
+
+class Lineage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Where a generated creative came from: enough to reproduce and audit it."""
+
+    request_id: Identifier
+    prompt_version: str
+    llm_model: str
+    ctr_model_version: str | None = None
+    predicted_ctr_std: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    # Names of the filters the text passed (all of them, or it would not exist).
+    filters_passed: list[str] = []
+    # The detector's verdict that asked for it, as shown to people.
+    trigger: str | None = None
 
 
 class RankedCreative(msgspec.Struct, kw_only=True):
@@ -185,6 +200,74 @@ class OutcomeSnapshot(Record, kw_only=True):
     last_event_at: float = 0.0
 
 
+class Brief(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the advertiser wants said. Data for the prompt, never instructions to the model."""
+
+    product: Annotated[str, msgspec.Meta(min_length=1, max_length=300)]
+    key_message: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    constraints: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=200)]], msgspec.Meta(max_length=20)
+    ] = []
+    language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2}$")] = "en"
+    required_terms: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=60)]], msgspec.Meta(max_length=20)
+    ] = []
+    forbidden_terms: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=60)]],
+        msgspec.Meta(max_length=100),
+    ] = []
+
+
+class ExampleCreative(msgspec.Struct, kw_only=True, omit_defaults=True):
+    creative_id: Identifier
+    headline: Annotated[str, msgspec.Meta(min_length=1, max_length=90)]
+    description: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    ctr: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+
+class GenerationRequest(Record, kw_only=True):
+    """Ask the generator for fresh variants. Keyed by request_id; idempotent per request_id."""
+
+    request_id: Identifier
+    campaign: Identifier
+    audience: Identifier
+    audience_description: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    brief: Brief
+    winners: Annotated[list[ExampleCreative], msgspec.Meta(max_length=10)] = []
+    underperformer: ExampleCreative | None = None
+    n_variants: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    # Candidates go live at once ("active") or wait for a person ("pending_review").
+    auto_approve: bool = False
+    trigger: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+    requested_at: Timestamp = 0.0
+
+
+class Rejection(msgspec.Struct, kw_only=True):
+    headline: str
+    description: str = ""
+    rule: str
+    reason: str
+
+
+class GenerationResult(Record, kw_only=True):
+    """What became of one request (keyed by request_id); candidates go to the creatives topic."""
+
+    request_id: Identifier
+    campaign: str
+    audience: str
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    creative_ids: list[str] = []
+    generated: int = 0
+    passed_filters: int = 0
+    rejections: list[Rejection] = []
+    llm_model: str | None = None
+    ctr_model_version: str | None = None
+    prompt_version: str | None = None
+    seconds: float = 0.0
+    finished_at: float = 0.0
+
+
 RECORD_TYPES: dict[str, type[msgspec.Struct]] = {
     "impression": Impression,
     "click": Click,
@@ -192,6 +275,8 @@ RECORD_TYPES: dict[str, type[msgspec.Struct]] = {
     "creative": Creative,
     "decision": Decision,
     "dead_letter": DeadLetter,
+    "generation_request": GenerationRequest,
+    "generation_result": GenerationResult,
 }
 
 

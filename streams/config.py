@@ -17,7 +17,15 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TopicRole = Literal[
-    "impressions", "clicks", "conversions", "creatives", "decisions", "dead_letter", "outcomes"
+    "impressions",
+    "clicks",
+    "conversions",
+    "creatives",
+    "decisions",
+    "dead_letter",
+    "outcomes",
+    "generation_requests",
+    "generation_results",
 ]
 TOPIC_ROLES: tuple[TopicRole, ...] = (
     "impressions",
@@ -27,6 +35,8 @@ TOPIC_ROLES: tuple[TopicRole, ...] = (
     "decisions",
     "dead_letter",
     "outcomes",
+    "generation_requests",
+    "generation_results",
 )
 
 
