@@ -241,3 +241,27 @@ def process_usage(sup: Supervisor) -> dict[str, dict[str, float]]:
         except psutil.NoSuchProcess:
             pass
     return usage
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of a live process (Linux ``VmHWM``); None where unknown.
+
+    psutil reports only the current RSS; the kernel keeps the high-water mark.
+    """
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def process_peaks(sup: Supervisor) -> dict[str, dict[str, float]]:
+    """``process_usage`` plus each process's peak resident memory, where the OS says."""
+    usage = process_usage(sup)
+    for role, child in sup.children.items():
+        peak = peak_rss_mb(child.pid)
+        if role in usage and peak is not None:
+            usage[role]["peak_rss_mb"] = peak
+    return usage

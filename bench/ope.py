@@ -18,6 +18,7 @@ hand-computed cases.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -55,13 +56,33 @@ def _mean_with_ci(method: str, terms: np.ndarray) -> Estimate:
     return Estimate(method, value, value - half, value + half, n)
 
 
-def replay(actions: np.ndarray, rewards: np.ndarray, target_actions: np.ndarray) -> Estimate:
+def _exact_binomial(method: str, rewards: np.ndarray) -> Estimate:
+    """Mean of 0/1 rewards with the Clopper-Pearson interval, which stays honest where
+    the normal one collapses (few rounds, no or few clicks)."""
+    from scipy.stats import binomtest
+
+    if not np.isin(rewards, (0.0, 1.0)).all():
+        raise ValueError("an exact binomial interval needs 0/1 rewards")
+    n, k = rewards.size, int(rewards.sum())
+    interval = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    return Estimate(method, k / n, float(interval.low), float(interval.high), n)
+
+
+def replay(
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    target_actions: np.ndarray,
+    interval: Literal["normal", "exact"] = "normal",
+) -> Estimate:
     """Li et al.'s replay method for logs of a uniform-random policy: the target policy's
-    CTR is the mean reward over rounds where it picks the logged action."""
+    CTR is the mean reward over rounds where it picks the logged action.
+    ``interval="exact"``: Clopper-Pearson for 0/1 rewards."""
     actions, rewards, target_actions = map(np.asarray, (actions, rewards, target_actions))
     match = actions == target_actions
     if not match.any():
         raise ValueError("the target policy never agrees with the log: no rounds to replay")
+    if interval == "exact":
+        return _exact_binomial("replay", rewards[match].astype(float))
     return _mean_with_ci("replay", rewards[match].astype(float))
 
 
@@ -113,3 +134,23 @@ def doubly_robust(
     direct = (target_dist * reward_model).sum(axis=1)
     correction = target_probs / propensities * (rewards - reward_model[rows, actions])
     return _mean_with_ci("DR", direct + correction)
+
+
+def on_policy(rewards: np.ndarray, interval: Literal["normal", "exact"] = "normal") -> Estimate:
+    """The logging policy's own value: the mean observed reward (the ground truth that
+    off-policy estimates of the same policy are compared with)."""
+    rewards = np.asarray(rewards, dtype=float)
+    if rewards.size == 0:
+        raise ValueError("no logged rounds")
+    if interval == "exact":
+        return _exact_binomial("on-policy", rewards)
+    return _mean_with_ci("on-policy", rewards)
+
+
+def direct_method(target_dist: np.ndarray, reward_model: np.ndarray) -> Estimate:
+    """The reward model's value under the target policy, no propensities. The interval
+    covers only the spread over rounds, not the model's own error."""
+    target_dist, reward_model = np.asarray(target_dist, float), np.asarray(reward_model, float)
+    if target_dist.shape != reward_model.shape or target_dist.ndim != 2:
+        raise ValueError("target_dist and reward_model must be (rounds, actions) arrays")
+    return _mean_with_ci("DM", (target_dist * reward_model).sum(axis=1))
