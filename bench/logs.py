@@ -324,13 +324,13 @@ def _obd_rows(path: Path, audience_features: tuple[str, ...]) -> Iterator[Row]:
         missing = sorted(c for c in OBD_COLUMNS | set(audience_features) if c not in row)
         if missing:
             raise LogFormatError(f"{path} is not an Open Bandit Dataset log: no {missing}")
-        try:
-            audience = ".".join(
-                f"u{feature.rsplit('_', 1)[-1]}-{row[feature][:8]}" for feature in audience_features
-            )
-        except (KeyError, TypeError):
-            yield line, _RowError(f"missing user features {list(audience_features)}")
+        empty = [feature for feature in audience_features if not row[feature]]
+        if empty:
+            yield line, _RowError(f"no {', '.join(empty)}: the audience is made of it")
             continue
+        audience = ".".join(
+            f"u{feature.rsplit('_', 1)[-1]}-{row[feature][:8]}" for feature in audience_features
+        )
         yield (
             line,
             {

@@ -238,5 +238,11 @@ def schemas(write: bool) -> None:
     click.echo("schemas up to date")
 
 
+from bench.cli import bench_all, replay  # noqa: E402
+
+main.add_command(replay)
+bench.add_command(bench_all, "all")
+
+
 if __name__ == "__main__":
     main()
