@@ -225,6 +225,7 @@ class EngineReport:
     events: int = 0
     events_per_s: float = 0.0  # decode + join + aggregate + posterior + decisions
     decisions: int = 0
+    decision_ms: float = 0.0  # mean cost of one decision (the worker's per-key work)
     batch_events: int = 0
     select_per_s: float = 0.0  # one serving-style choice per call, as POST /v1/select
     thompson_draws_per_s: float = 0.0  # vectorized Thompson decisions (BetaArms)
@@ -262,6 +263,7 @@ def engine_ceiling(
     joined: dict[str, tuple[str, CreativeCounts]] = {}
     report = EngineReport(events=len(events), batch_events=batch_events)
     decisions: dict[str, Decision] = {}
+    decision_s = 0.0
     started = time.perf_counter()
     for start in range(0, len(events), batch_events):
         dirty: set[str] = set()
@@ -289,6 +291,7 @@ def engine_ceiling(
             dirty.add(key)
         for key in dirty:
             campaign, audience = split_decision_key(key)
+            decision_started = time.perf_counter()
             decisions[key] = build_decision(
                 campaign,
                 audience,
@@ -301,8 +304,10 @@ def engine_ceiling(
                 draws=settings.selection_draws,
             )
             report.decisions += 1
+            decision_s += time.perf_counter() - decision_started
     elapsed = time.perf_counter() - started
     report.events_per_s = len(events) / elapsed if elapsed > 0 else 0.0
+    report.decision_ms = decision_s / max(1, report.decisions) * 1000
     if decisions:
         # Serving: one choice per request from the latest decision's probabilities.
         decision = max(decisions.values(), key=lambda d: d.impressions)
@@ -426,7 +431,6 @@ class Observer:
         self.timeline: dict[str, list[tuple[float, int]]] = defaultdict(list)
         self.decision_ms: list[float] = []  # newest event published -> decision published
         self.snapshot_ms: list[float] = []  # newest event published -> outcome snapshot
-        self.visible_ms: list[float] = []  # newest event published -> decision read here
         self.samples: list[dict[str, float]] = []
         self.started = time.time()
         self.processes = {role: psutil.Process(pid) for role, pid in (processes or {}).items()}
@@ -477,7 +481,6 @@ class Observer:
         assert self._consumer is not None
         while True:
             batches = await self._consumer.getmany(timeout_ms=100, max_records=10_000)
-            now = time.time()
             for tp, records in batches.items():
                 role = self._roles[tp.topic]
                 for record in records:
@@ -486,7 +489,7 @@ class Observer:
                     if role == 0:
                         self._on_snapshot(self._snapshot.decode(record.value))
                     elif role == 1:
-                        self._on_decision(self._decision.decode(record.value), now)
+                        self._on_decision(self._decision.decode(record.value))
                     else:
                         self.dead_letters[self._dead.decode(record.value).reason_code] += 1
 
@@ -499,7 +502,7 @@ class Observer:
         if snapshot.campaign in self.campaigns and snapshot.last_event_at:
             self.snapshot_ms.append((snapshot.emitted_at - snapshot.last_event_at) * 1000)
 
-    def _on_decision(self, decision: Decision, now: float) -> None:
+    def _on_decision(self, decision: Decision) -> None:
         key = decision_key(decision.campaign, decision.audience)
         self.decisions[key] = decision
         if decision.campaign not in self.campaigns:
@@ -507,7 +510,6 @@ class Observer:
         self.timeline[key].append((decision.updated_at, decision.impressions + decision.clicks))
         if decision.last_event_at:
             self.decision_ms.append((decision.updated_at - decision.last_event_at) * 1000)
-            self.visible_ms.append((now - decision.last_event_at) * 1000)
 
     # -- views ------------------------------------------------------------------------
     def ingest_counted(self) -> int:
@@ -640,12 +642,13 @@ async def publish(
             _, ckey, cid, value = due.popleft()
             await send(click_topic, ckey, cid, value)
             n_clicks += 1
-        if options.rate and not options.preload:
-            ahead = (i + 1) / options.rate - (mono - started)
-            if ahead > 0.002:
-                await asyncio.sleep(ahead)
-        elif i % 500 == 0:
-            await asyncio.sleep(0)  # let the observer and the sampler run
+        ahead = (i + 1) / options.rate - (mono - started) if options.rate else 0.0
+        if ahead > 0.002 and not options.preload:
+            await asyncio.sleep(ahead)
+        elif i % 100 == 0:
+            # send() rarely suspends: without this, a publisher that runs behind its rate
+            # would starve the observer and the lag sampler in the same event loop.
+            await asyncio.sleep(0)
         if progress is not None and task is not None and i % 1000 == 0:
             progress.update(task, completed=i)
     impressions_s = time.monotonic() - started
@@ -893,7 +896,6 @@ def _live(
                     ).tolist(),
                     "newest event: publish -> outcome snapshot (ingest)": observer.snapshot_ms,
                     "newest event: publish -> decision published (worker)": observer.decision_ms,
-                    "newest event: publish -> decision read by a consumer": observer.visible_ms,
                 }
             finally:
                 await observer.stop()
