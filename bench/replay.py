@@ -843,7 +843,8 @@ def run_replay(
             )
         # The ceiling: the same messages, same broker, adloop stopped.
         report.ceiling_events_per_s = asyncio.run(raw_consume_rate(settings, stats.acked))
-        if report.adloop_events_per_s and report.ceiling_events_per_s:
+        # Only a drained backlog measures adloop's rate; a paced replay measures the pace.
+        if options.preload and report.adloop_events_per_s and report.ceiling_events_per_s:
             report.ratio = report.adloop_events_per_s / report.ceiling_events_per_s
     report.wall_s = time.monotonic() - wall_started
     return report

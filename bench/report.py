@@ -65,7 +65,7 @@ def print_replay(report: ReplayReport, console: Console) -> None:
         "ceiling: raw aiokafka consume, same messages",
         f"{report.ceiling_events_per_s:,.0f} events/s",
     )
-    table.add_row("ratio", f"{report.ratio:.2f}")
+    table.add_row("ratio", f"{report.ratio:.2f}" if report.ratio else "n/a (paced, not drained)")
     for name, pct in report.latency_ms.items():
         table.add_row(name, _fmt_pct(pct))
     for name, value in report.lag_max.items():
