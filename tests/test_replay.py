@@ -377,3 +377,16 @@ def test_replay_round_trip_verifies_counts(settings: Settings, tmp_path: Path) -
     assert report.latency_ms["per event: publish -> decision published"]["n"] > 0
     assert report.ceiling_events_per_s > 0 and report.adloop_events_per_s > 0
     assert report.process_usage["worker"]["cpu_s"] > 0
+
+
+def test_replay_command_stops_at_a_malformed_row_with_on_error_fail(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    log = write_jsonl(tmp_path / "log.jsonl", [row(0), "{oops", row(2)])
+    result = CliRunner().invoke(main, ["replay", str(log), "--on-error", "fail"])
+    assert result.exit_code == 1
+    assert "log.jsonl:line 2: not JSON" in result.output
+    assert "replay" in CliRunner().invoke(main, ["--help"]).output
+    assert "all" in CliRunner().invoke(main, ["bench", "--help"]).output
