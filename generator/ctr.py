@@ -115,7 +115,7 @@ def shipped_backbone_dir() -> Path | None:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Loading a backbone with a new head makes transformers print a 'MISSING
     classifier' report and a progress bar: expected here, so not shown."""
     from transformers.utils import logging as hf_logging
@@ -135,7 +135,7 @@ def _quiet_transformers() -> Iterator[None]:
 def _load_pretrained(source: str | Path, *, local_only: bool) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local_only)
         model = BertForSequenceClassification.from_pretrained(
             str(source), num_labels=1, local_files_only=local_only
@@ -188,13 +188,16 @@ def load_backbone(backbone: str | None = None) -> tuple[Any, Any, dict[str, str]
     raise RuntimeError(f"{missing} ({'; '.join(errors) or 'not found'})")
 
 
-def init_head(model: Any, base_ctr: float) -> None:
-    """Zero weights and bias = logit(base_ctr): every text scores exactly the base
-    CTR until trained (the same in every process: nothing random)."""
+def init_head(model: Any, base_ctr: float, weight_std: float = 0.0) -> None:
+    """Bias = logit(base_ctr). Zero weights (the default) make every text score exactly
+    the base CTR, the same in every process; training starts from small random ones."""
     if not 0.0 < base_ctr < 1.0:
         raise ValueError(f"base_ctr must be in (0, 1), got {base_ctr}")
     with torch.no_grad():
-        model.classifier.weight.zero_()
+        if weight_std > 0:
+            model.classifier.weight.normal_(0.0, weight_std)
+        else:
+            model.classifier.weight.zero_()
         model.classifier.bias.fill_(math.log(base_ctr / (1.0 - base_ctr)))
 
 
@@ -461,7 +464,7 @@ class CtrScorer:
         from transformers import AutoTokenizer, BertForSequenceClassification
 
         card = json.loads((directory / CARD_JSON).read_text(encoding="utf-8"))
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
             model = BertForSequenceClassification.from_pretrained(
                 str(directory), local_files_only=True

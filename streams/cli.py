@@ -243,6 +243,10 @@ from bench.cli import bench_all, replay  # noqa: E402
 main.add_command(replay)
 bench.add_command(bench_all, "all")
 
+from generator.ctr_cli import train_ctr  # noqa: E402
+
+main.add_command(train_ctr)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,154 @@
+"""``adloop train-ctr``: train the CTR model from an export or from the Kafka topics.
+
+Registered on the ``adloop`` group by ``streams/cli.py``. Only click is imported at
+module level: torch and transformers load when the command runs, so ``adloop
+--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Shown in --help; tests/test_ctr.py checks they are TrainConfig's defaults.
+HELP_DEFAULTS: dict[str, Any] = {
+    "epochs": 4,
+    "batch_size": 32,
+    "lr": 1e-4,
+    "val_fraction": 0.2,
+    "seed": 0,
+    "max_bad_fraction": 0.01,
+}
+
+
+@click.command("train-ctr")
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSONL or Parquet export, one row per impression (columns: see generator/train_ctr.py)",
+)
+@click.option("--from-kafka", is_flag=True, help="read the impressions, clicks, creatives topics")
+@click.option("--broker", help="kafka://host:port[,host:port] (needed with --from-kafka)")
+@click.option("--topic-prefix", help="prefix of adloop's topics (default adloop.)")
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="where versions go (<dir>/ctr/<version>); default ADLOOP_MODELS_DIR or <data-dir>/models",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--epochs", type=int, help=f"passes over the data (default {HELP_DEFAULTS['epochs']})"
+)
+@click.option("--max-steps", type=int, help="stop after this many optimizer steps")
+@click.option(
+    "--batch-size",
+    type=int,
+    help=f"aggregated rows per step (default {HELP_DEFAULTS['batch_size']})",
+)
+@click.option("--lr", type=float, help=f"backbone learning rate (default {HELP_DEFAULTS['lr']})")
+@click.option("--head-lr", type=float, help="learning rate of the new head")
+@click.option(
+    "--val-fraction",
+    type=float,
+    help=f"latest share of impressions held out (default {HELP_DEFAULTS['val_fraction']})",
+)
+@click.option("--seed", type=int, help=f"(default {HELP_DEFAULTS['seed']})")
+@click.option(
+    "--max-bad-fraction",
+    type=float,
+    help=f"abort when more export rows are bad (default {HELP_DEFAULTS['max_bad_fraction']})",
+)
+@click.option("--backbone", help="hub id or local BERT directory (default: shipped MiniLM)")
+@click.option("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+@click.option("--no-progress", is_flag=True, help="no progress bars (for logs/CI)")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING")
+def train_ctr(
+    from_file: Path | None,
+    from_kafka: bool,
+    broker: str | None,
+    topic_prefix: str | None,
+    models_dir: Path | None,
+    data_dir: Path | None,
+    backbone: str | None,
+    no_progress: bool,
+    log_level: str | None,
+    **overrides: Any,
+) -> None:
+    """Train the BERT CTR model on logged impressions and clicks; write a new version."""
+    from dataclasses import replace
+
+    from pydantic import ValidationError
+
+    from streams.config import load_settings
+    from streams.logs import configure_logging
+
+    configure_logging(log_level)
+    if bool(from_file) == from_kafka:
+        raise click.UsageError("give exactly one of --from-file PATH and --from-kafka")
+    try:
+        settings = load_settings(
+            broker=broker, topic_prefix=topic_prefix, models_dir=models_dir, data_dir=data_dir
+        )
+    except ValidationError as exc:
+        raise click.UsageError(f"invalid configuration:\n{exc}") from None
+    if from_kafka and not settings.broker:
+        raise click.UsageError(
+            "adloop train-ctr --from-kafka reads a running deployment's topics: set "
+            "--broker/ADLOOP_BROKER (an embedded broker would start empty)"
+        )
+
+    from generator.train_ctr import ExportError, TrainConfig, read_export, read_kafka_log
+    from generator.train_ctr import train_ctr as run_training
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    config = replace(TrainConfig(), progress=not no_progress, **given)
+    try:
+        if from_file:
+            impressions = read_export(from_file, max_bad_fraction=config.max_bad_fraction)
+        else:
+            impressions = read_kafka_log(settings)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    target = settings.models_dir or settings.data_dir / "models"
+    result = run_training(impressions, target, config, backbone=backbone or settings.ctr_backbone)
+    _print_summary(result.card, result.directory)
+
+
+def _print_summary(card: dict[str, Any], directory: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = card["metrics"]
+    table = Table(title=f"CTR model {card['version']} — validation, per impression")
+    for column in ("predictor", "AUC", "log-loss", "ECE", "mean predicted", "observed"):
+        table.add_column(column, justify="left" if column == "predictor" else "right")
+    rows = (
+        ("model", metrics["model"]),
+        ("best possible (true CTR)", metrics.get("best_possible")),
+        ("global CTR", metrics["global_ctr"]),
+        ("per-creative CTR", metrics["per_creative_ctr"]),
+        ("model, new creatives only", metrics.get("model_on_new_creatives")),
+    )
+
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    for name, m in rows:
+        if m:
+            table.add_row(
+                name,
+                *(cell(m[k]) for k in ("auc", "log_loss", "ece", "predicted_ctr", "observed_ctr")),
+            )
+    console = Console()
+    console.print(table)
+    training = card["training"]
+    console.print(
+        f"log-loss before training {metrics['initial_model']['log_loss']:.4f}; "
+        f"{training['steps']} steps, best at {training['best_step']}, "
+        f"{training['seconds']} s on {training['device']}\n"
+        f"written to {directory} (current → {card['version']}); model card: "
+        f"{directory / 'MODEL_CARD.md'}"
+    )
