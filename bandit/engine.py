@@ -26,7 +26,7 @@ import numpy as np
 from bandit.analysis import LabelRules, PosteriorSummary, guard_exploration, label_arms, summarize
 from bandit.beta import UNIFORM_PRIOR, BetaPrior
 from bandit.detect import Alarm, CusumDetector, Verdict, VerdictRules, judge
-from bandit.policies import BanditPolicy, make_policy
+from bandit.policies import BanditPolicy, ThompsonSampling, make_policy
 
 __all__ = ["ArmReport", "CreativeEngine", "EngineConfig"]
 
@@ -149,9 +149,15 @@ class CreativeEngine:
         k = len(self.arm_ids)
         if k == 0:
             return np.zeros(0)
-        p = self.policy.serving_probabilities(rng, draws=self.config.draws)
+        if summary is None and self.config.min_learning_share > 0 and k > 1:
+            summary = self.summary(rng)
+        if summary is not None and isinstance(self.policy, ThompsonSampling):
+            # Thompson's serving distribution is P(best): reuse the summary's draws.
+            p = summary.p_best.copy()
+        else:
+            p = self.policy.serving_probabilities(rng, draws=self.config.draws)
         if self.config.min_learning_share > 0 and k > 1:
-            summary = summary or self.summary(rng)
+            assert summary is not None
             learning = np.array(
                 [lb == "learning" for lb in label_arms(summary, self.config.labels)]
             )

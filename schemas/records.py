@@ -143,6 +143,16 @@ class RankedCreative(msgspec.Struct, kw_only=True):
     ci_low: float
     ci_high: float
     serving_probability: float
+    # What the engine says of it: learning / low / good / best from the posterior
+    # (or the creative's status when it is not servable), P(best), expected CTR lost
+    # per impression by showing it, its share of the impressions so far, and the
+    # underperformance verdict with its numbers.
+    label: str = "learning"
+    p_best: float = 0.0
+    expected_loss: float = 0.0
+    traffic_share: float = 0.0
+    underperforming: bool = False
+    reasons: list[str] = []
 
 
 class Decision(Record, kw_only=True):

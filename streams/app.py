@@ -19,9 +19,19 @@ import faust
 import msgspec
 import numpy as np
 
+from bandit import BetaPrior
+from bandit.priors import shrinkage_prior
 from schemas import Creative, OutcomeSnapshot, split_decision_key
 from streams.config import Settings
-from streams.posterior import PosteriorState, build_decision, decode_state, encode_state
+from streams.posterior import (
+    DEFAULT_PRIOR_STRENGTH,
+    PosteriorState,
+    build_decision,
+    decode_state,
+    encode_state,
+    learn_increments,
+    prior_for,
+)
 from streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.worker")
@@ -103,6 +113,10 @@ class PosteriorWorker:
         )
         self._snapshot_decoder = msgspec.json.Decoder(OutcomeSnapshot)
         self._json = msgspec.json.Encoder()
+        self.engine_config = settings.engine_config()
+        # Campaign-level counts per creative and audience, from the keys this worker
+        # holds: where a creative new to an audience borrows its prior.
+        self._campaign_counts: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
         self.registry_ready = asyncio.Event()
         # Decisions for a key are computed and enqueued under this lock, so a
         # republish triggered by a creative change never lands after (and
@@ -113,8 +127,33 @@ class PosteriorWorker:
         self.app.task(self._follow_registry)
         self.app.timer(interval=settings.decision_interval_ms / 1000)(self._publish_dirty)
 
+    def prior_of(self, campaign: str, audience: str) -> Any:
+        """Prior for a creative in this audience: its predicted CTR, else what it earns
+        in the campaign's other audiences (empirical Bayes), else uniform."""
+
+        def prior(creative_id: str) -> BetaPrior:
+            creative = self.registry.get(creative_id)
+            if creative is not None and creative.predicted_ctr is not None:
+                return prior_for(creative)
+            elsewhere = [
+                counts
+                for other, counts in self._campaign_counts.get(campaign, {})
+                .get(creative_id, {})
+                .items()
+                if other != audience
+            ]
+            if elsewhere:
+                imps, clicks = (np.array(x) for x in zip(*elsewhere, strict=True))
+                return shrinkage_prior(imps, clicks, default_strength=DEFAULT_PRIOR_STRENGTH)
+            return BetaPrior()
+
+        return prior
+
     def decision_bytes(self, key: str, state: PosteriorState) -> bytes:
         campaign, audience = split_decision_key(key)
+        by_creative = self._campaign_counts.setdefault(campaign, {})
+        for creative_id, counts in state.totals().items():
+            by_creative.setdefault(creative_id, {})[audience] = (counts.impressions, counts.clicks)
         decision = build_decision(
             campaign,
             audience,
@@ -123,8 +162,8 @@ class PosteriorWorker:
             self.registry.creatives,
             self.rng,
             time.time(),
-            exploration_floor=self.settings.exploration_floor,
-            draws=self.settings.selection_draws,
+            engine_config=self.engine_config,
+            prior_of=self.prior_of(campaign, audience),
         )
         return self._json.encode(decision)
 
@@ -135,7 +174,23 @@ class PosteriorWorker:
             key = event.key
             snapshot = self._snapshot_decoder.decode(event.value)
             state = decode_state(self.posteriors.get(key))
-            state.apply(snapshot)
+            increments = state.apply(snapshot)
+            alarms = learn_increments(
+                state,
+                increments,
+                self.engine_config,
+                self.prior_of(snapshot.campaign, snapshot.audience),
+                snapshot.last_event_at,
+            )
+            for reason in alarms:
+                log.info(
+                    "change detected",
+                    extra={
+                        "campaign": snapshot.campaign,
+                        "audience": snapshot.audience,
+                        "reason": reason,
+                    },
+                )
             self.posteriors[key] = encode_state(state)
             # Decisions are coalesced: a burst of snapshots for a key (one per
             # source partition per ingest flush) yields one decision per tick.

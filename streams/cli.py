@@ -219,6 +219,42 @@ def bench_spine(events: int, broker: str | None, out: Path) -> None:
     run(events, broker, out)
 
 
+@bench.command("bandits")
+@click.option(
+    "--impressions",
+    type=int,
+    default=1_000_000,
+    show_default=True,
+    help="impressions per policy and scenario (checkpoints: 10k, 100k, 1M)",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--policies",
+    default=None,
+    help="comma-separated subset, e.g. adloop,mabwiser_ts,oracle (default: all)",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+def bench_bandits(impressions: int, seed: int, policies: str | None, out: Path) -> None:
+    """adloop's engine vs MABWiser, Vowpal Wabbit, uniform and the oracle; engine speed."""
+    configure_logging("WARNING")
+    from bench.bandits import run_comparison
+    from bench.engine_speed import markdown
+    from bench.engine_speed import run as run_speed
+
+    which = {p.strip() for p in policies.split(",")} if policies else None
+    summary = run_comparison(out, impressions=impressions, seed=seed, which=which)
+    speed = run_speed()
+    table = markdown(speed)
+    with (out / "bandits.md").open("a") as f:
+        f.write("\n## Engine speed (pure, in-process, this machine)\n\n" + table + "\n")
+    click.echo(table)
+    fa = summary["false_alarms"]
+    click.echo(
+        f"detector false alarms on stationary traffic: {fa['alarms']} in {fa['impressions']:,} "
+        f"impressions; report: {out / 'bandits.md'}"
+    )
+
+
 @main.command()
 @click.option("--write", is_flag=True, help="regenerate the committed files")
 def schemas(write: bool) -> None:

@@ -106,6 +106,18 @@ class Settings(BaseSettings):
     selection_draws: int = Field(default=2000, ge=100)
     # Decisions for keys that changed are published at most this often.
     decision_interval_ms: int = Field(default=25, ge=1)
+    # The bandit engine (bandit.CreativeEngine) that the worker and serving run.
+    policy: Literal["discounted_thompson", "thompson", "kl_ucb", "epsilon_greedy", "uniform"] = (
+        "discounted_thompson"
+    )
+    # Evidence half-life in event time (discounted_thompson): creatives wear out
+    # over days, so a week keeps stationary campaigns near plain Thompson sampling.
+    half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    detect_changes: bool = True
+    # A creative still "learning" gets at least this share of its audience's traffic.
+    min_learning_share: float = Field(default=0.05, ge=0, lt=1)
+    # Impressions of evidence before a creative can be called an underperformer.
+    min_evidence: int = Field(default=2000, ge=0)
 
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod
@@ -132,6 +144,20 @@ class Settings(BaseSettings):
         return value
 
     # --- derived -----------------------------------------------------------------
+    def engine_config(self) -> Any:
+        """The bandit engine's configuration (bandit.EngineConfig) from these settings."""
+        from bandit import EngineConfig
+
+        return EngineConfig(
+            policy=self.policy,
+            half_life=self.half_life_s,
+            detect_changes=self.detect_changes,
+            min_evidence=self.min_evidence,
+            min_learning_share=self.min_learning_share,
+            exploration_floor=self.exploration_floor,
+            draws=self.selection_draws,
+        )
+
     def group_id(self, role: str) -> str:
         """Consumer group / Faust app id, namespaced by the topic prefix."""
         return f"{self.topic_prefix}{self.app_id}-{role}"

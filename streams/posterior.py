@@ -5,12 +5,14 @@ No Faust, no Kafka: the agent in ``streams.app`` is a thin adapter around this.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import msgspec
 import numpy as np
 
-from bandit import BetaArms, BetaPrior
+from bandit import BetaArms, BetaPrior, CreativeEngine, EngineConfig
 from schemas import (
     Creative,
     CreativeCounts,
@@ -20,6 +22,7 @@ from schemas import (
 )
 
 DEFAULT_PRIOR_STRENGTH = 20.0
+log = logging.getLogger("adloop.posterior")
 
 
 class PosteriorState(msgspec.Struct):
@@ -27,15 +30,39 @@ class PosteriorState(msgspec.Struct):
 
     ``sources[p]`` is the latest cumulative snapshot from ingest partition ``p``;
     the totals are their sum. Replacing (never adding) is what makes re-delivered
-    or re-emitted snapshots harmless.
+    or re-emitted snapshots harmless. ``engine`` is the bandit engine's state
+    (:meth:`bandit.CreativeEngine.to_dict`): the policy's view of the same evidence,
+    discounted, with change detection, fed with the increments between snapshots.
     """
 
     sources: dict[int, dict[str, dict[str, CreativeCounts]]] = {}
     last_event_at: float = 0.0
+    engine: dict[str, Any] | None = None
 
-    def apply(self, snapshot: OutcomeSnapshot) -> None:
-        self.sources.update(snapshot.sources)
+    def apply(self, snapshot: OutcomeSnapshot) -> dict[str, tuple[int, int]]:
+        """Take the snapshot's sources; returns the per-creative increments it added.
+
+        A source snapshot with fewer events than the one held is older (a re-delivery,
+        or an ingest re-counting after a restart) and is skipped: the cumulative counts
+        of one source never go down, so the increments are never negative.
+        """
+        increments: dict[str, tuple[int, int]] = {}
+        for partition, by_creative in snapshot.sources.items():
+            old = self.sources.get(partition, {})
+            if _events(by_creative) < _events(old):
+                continue
+            for creative_id, by_placement in by_creative.items():
+                new_imps, new_clicks = _sum_cells(by_placement)
+                old_imps, old_clicks = _sum_cells(old.get(creative_id, {}))
+                if new_imps != old_imps or new_clicks != old_clicks:
+                    imps, clicks = increments.get(creative_id, (0, 0))
+                    increments[creative_id] = (
+                        imps + new_imps - old_imps,
+                        clicks + new_clicks - old_clicks,
+                    )
+            self.sources[partition] = by_creative
         self.last_event_at = max(self.last_event_at, snapshot.last_event_at)
+        return increments
 
     def totals(self) -> dict[str, CreativeCounts]:
         """Counts per creative, summed over source partitions and placements."""
@@ -62,6 +89,22 @@ class PosteriorState(msgspec.Struct):
                     total.conversions += cell.conversions
                     total.conversion_value += cell.conversion_value
         return out
+
+
+def _sum_cells(by_placement: dict[str, CreativeCounts]) -> tuple[int, int]:
+    imps = clicks = 0
+    for cell in by_placement.values():
+        imps += cell.impressions
+        clicks += cell.clicks
+    return imps, clicks
+
+
+def _events(by_creative: dict[str, dict[str, CreativeCounts]]) -> int:
+    return sum(
+        cell.impressions + cell.clicks + cell.conversions
+        for by_placement in by_creative.values()
+        for cell in by_placement.values()
+    )
 
 
 _state_encoder = msgspec.msgpack.Encoder()
@@ -109,7 +152,7 @@ def build_arms(servable: Iterable[Creative], totals: dict[str, CreativeCounts]) 
 def _ranked(
     arms: BetaArms, totals: dict[str, CreativeCounts], probabilities: np.ndarray
 ) -> list[RankedCreative]:
-    """Arms as decision rows, best posterior mean first."""
+    """Arms as decision rows, best posterior mean first (for non-servable creatives)."""
     means = arms.mean()
     low, high = arms.credible_interval(0.95)
     rows = []
@@ -133,6 +176,81 @@ def _ranked(
     return rows
 
 
+PriorOf = Callable[[str], BetaPrior]
+
+
+def engine_for(
+    state: PosteriorState, config: EngineConfig, prior_of: PriorOf
+) -> tuple[CreativeEngine, bool]:
+    """The key's engine, and whether it was rebuilt from the exact totals.
+
+    A rebuild (first snapshot of a key, state from an older version, or a changed
+    ``ADLOOP_POLICY``/half-life) starts the policy from the totals as if they were all
+    observed at the newest event: the discount history is lost, the counts are not.
+    Creatives with totals that the engine lacks are added with their totals.
+    """
+    if state.engine is not None:
+        engine = CreativeEngine.from_dict(state.engine)
+        if engine.config == config:
+            for creative_id in sorted(state.totals().keys() - set(engine.arm_ids)):
+                _add_with_totals(engine, creative_id, state, prior_of)
+            return engine, False
+        log.info(
+            "policy configuration changed: rebuilding the engine from exact totals",
+            extra={"policy": config.policy},
+        )
+    engine = CreativeEngine(config)
+    for creative_id in sorted(state.totals()):
+        _add_with_totals(engine, creative_id, state, prior_of)
+    return engine, True
+
+
+def _add_with_totals(
+    engine: CreativeEngine, creative_id: str, state: PosteriorState, prior_of: PriorOf
+) -> None:
+    counts = state.totals()[creative_id]
+    i = engine.add_arm(creative_id, prior_of(creative_id))
+    engine.learn_many(
+        np.array([i]),
+        np.array([counts.impressions]),
+        np.array([counts.clicks]),
+        t=state.last_event_at or None,
+    )
+
+
+def learn_increments(
+    state: PosteriorState,
+    increments: dict[str, tuple[int, int]],
+    config: EngineConfig,
+    prior_of: PriorOf,
+    t: float | None,
+) -> list[str]:
+    """Feed a snapshot's increments to the key's engine; returns the alarms' reasons.
+
+    Call after ``state.apply(snapshot)``, with what it returned.
+    """
+    if state.engine is None:
+        # First snapshot of the key: the rebuild from totals already holds the increments.
+        engine, _ = engine_for(state, config, prior_of)
+        state.engine = engine.to_dict()
+        return []
+    engine = CreativeEngine.from_dict(state.engine)
+    if engine.config != config:
+        engine, _ = engine_for(state, config, prior_of)
+        state.engine = engine.to_dict()
+        return []
+    reasons: list[str] = []
+    if increments:
+        ids = sorted(increments)
+        arms = np.array([engine.add_arm(cid, prior_of(cid)) for cid in ids])
+        imps = np.array([increments[cid][0] for cid in ids], dtype=np.float64)
+        clicks = np.array([increments[cid][1] for cid in ids], dtype=np.float64)
+        for alarm in engine.learn_many(arms, imps, clicks, t=t or None):
+            reasons.append(f"{engine.arm_ids[alarm.arm]}: {alarm.reason()}")
+    state.engine = engine.to_dict()
+    return reasons
+
+
 def build_decision(
     campaign: str,
     audience: str,
@@ -143,33 +261,69 @@ def build_decision(
     now: float,
     exploration_floor: float = 0.01,
     draws: int = 4000,
+    engine_config: EngineConfig | None = None,
+    prior_of: PriorOf | None = None,
 ) -> Decision:
     """Rank the servable creatives; non-servable ones with traffic follow, at probability 0."""
+    config = engine_config or EngineConfig(exploration_floor=exploration_floor, draws=draws)
+    if prior_of is None:
+
+        def prior_of(creative_id: str) -> BetaPrior:
+            return prior_for(registry_lookup.get(creative_id))
+
     totals = state.totals()
-    arms = build_arms(servable, totals)
+    engine, _ = engine_for(state, config, prior_of)
+    servable_ids = [c.creative_id for c in servable]
+    for creative_id in set(engine.arm_ids) - set(servable_ids):
+        engine.remove_arm(creative_id)
+    for creative_id in servable_ids:
+        engine.add_arm(creative_id, prior_of(creative_id))
+    total_imps = sum(c.impressions for c in totals.values())
     ranked: list[RankedCreative] = []
-    if arms.arm_ids:
-        probabilities = with_exploration_floor(
-            arms.selection_probabilities(rng, draws=draws), exploration_floor
+    for row in sorted(engine.report(rng), key=lambda r: -r.mean):
+        counts = totals.get(row.creative_id, CreativeCounts())
+        i = engine.policy.stats.index(row.creative_id)
+        ranked.append(
+            RankedCreative(
+                creative_id=row.creative_id,
+                impressions=counts.impressions,
+                clicks=counts.clicks,
+                conversions=counts.conversions,
+                alpha=float(engine.policy.stats.alpha[i]),
+                beta=float(engine.policy.stats.beta[i]),
+                mean=row.mean,
+                ci_low=row.ci_low,
+                ci_high=row.ci_high,
+                serving_probability=row.serving_probability,
+                label=row.label,
+                p_best=row.p_best,
+                expected_loss=row.expected_loss,
+                traffic_share=counts.impressions / total_imps if total_imps else 0.0,
+                underperforming=row.verdict.underperforming,
+                reasons=list(row.verdict.reasons),
+            )
         )
-        ranked = _ranked(arms, totals, probabilities)
     # Creatives with traffic that are not servable (paused, retired, or not yet
-    # known to this process's registry) keep their counts in the decision.
-    servable_ids = set(arms.arm_ids)
-    others = [cid for cid in sorted(totals) if cid not in servable_ids]
+    # known to this process's registry) keep their exact counts in the decision.
+    others = [cid for cid in sorted(totals) if cid not in set(servable_ids)]
     if others:
         extra = BetaArms.empty()
         for cid in others:
             extra.add_arm(cid, prior_for(registry_lookup.get(cid)))
             extra.set_counts(cid, totals[cid].impressions, totals[cid].clicks)
-        ranked += _ranked(extra, totals, np.zeros(len(extra.arm_ids)))
+        for row in _ranked(extra, totals, np.zeros(len(extra.arm_ids))):
+            known = registry_lookup.get(row.creative_id)
+            row.label = known.status if known is not None else "unregistered"
+            row.traffic_share = row.impressions / total_imps if total_imps else 0.0
+            ranked.append(row)
     return Decision(
         campaign=campaign,
         audience=audience,
-        best_creative_id=ranked[0].creative_id if arms.arm_ids else None,
+        best_creative_id=ranked[0].creative_id if servable_ids else None,
         creatives=ranked,
-        impressions=sum(c.impressions for c in totals.values()),
+        impressions=total_imps,
         clicks=sum(c.clicks for c in totals.values()),
         updated_at=now,
         last_event_at=state.last_event_at,
+        policy=config.policy,
     )

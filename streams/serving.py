@@ -23,13 +23,14 @@ import numpy as np
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from schemas import Creative, CreativeCounts, Decision, RecordDecoder, decision_key
+from bandit import BetaPrior, CreativeEngine
+from schemas import Creative, Decision, RecordDecoder, decision_key
 from schemas.records import ContextValue, Identifier
 from schemas.validation import InvalidRecord
 from streams.config import Settings
 from streams.follower import TopicFollower
 from streams.kafka import producer_kwargs
-from streams.posterior import build_arms, with_exploration_floor
+from streams.posterior import prior_for
 from streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.serve")
@@ -66,6 +67,9 @@ class BestResponse(msgspec.Struct, kw_only=True):
     impressions: int
     clicks: int
     serving_probability: float
+    label: str
+    p_best: float
+    policy: str
     updated_at: float
 
 
@@ -129,6 +133,7 @@ class ServingApi:
         self.registry_follower = RegistryFollower(settings, self.registry)
         self.decision_follower = DecisionFollower(settings)
         self.rng = np.random.default_rng()
+        self.engine_config = settings.engine_config()
         self._selections: dict[str, _Selection] = {}
         self._producer: AIOKafkaProducer | None = None
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
@@ -212,17 +217,20 @@ class ServingApi:
     def _local_probabilities(
         self, decision: Decision | None, creatives: list[Creative]
     ) -> np.ndarray:
-        """Thompson probabilities from the posterior counts (a creative the worker does
-        not know yet starts from its prior)."""
-        totals = {
-            row.creative_id: CreativeCounts(row.impressions, row.clicks)
+        """The configured policy's probabilities over the creatives we would serve, from
+        the worker's posteriors (a creative the worker does not know yet starts from its
+        prior). Used only until the worker publishes a decision for this set."""
+        posteriors = {
+            row.creative_id: BetaPrior(row.alpha, row.beta)
             for row in (decision.creatives if decision else [])
         }
-        arms = build_arms(creatives, totals)
-        return with_exploration_floor(
-            arms.selection_probabilities(self.rng, draws=self.settings.selection_draws),
-            self.settings.exploration_floor,
-        )
+        engine = CreativeEngine(self.engine_config)
+        for creative in creatives:
+            engine.add_arm(
+                creative.creative_id,
+                posteriors.get(creative.creative_id) or prior_for(creative),
+            )
+        return engine.serving_probabilities(self.rng)
 
     async def select(self, request: web.Request) -> web.Response:
         try:
@@ -319,6 +327,9 @@ class ServingApi:
                 impressions=row.impressions,
                 clicks=row.clicks,
                 serving_probability=row.serving_probability,
+                label=row.label,
+                p_best=row.p_best,
+                policy=decision.policy,
                 updated_at=decision.updated_at,
             )
         )

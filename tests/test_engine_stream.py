@@ -1,0 +1,124 @@
+"""The bandit engine inside the live stream: labels, verdicts, change detection, policy choice.
+
+Real ingest, worker and serving processes on the embedded broker; the test publishes
+impressions and clicks with kafka-python and reads decisions over HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from schemas import Creative
+from streams.config import Settings
+from tests.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_760_000_000.0
+
+
+def _publish(stack: Stack, start: int, n: int, ctr: dict[str, float], seed: int) -> dict[str, int]:
+    """n impressions alternating over the creatives, clicks drawn at the given CTRs."""
+    rng = np.random.default_rng(seed)
+    creatives = sorted(ctr)
+    clicks = dict.fromkeys(creatives, 0)
+    for i in range(start, start + n):
+        creative = creatives[i % len(creatives)]
+        iid = f"imp-{i}"
+        stack.publish(
+            "impressions",
+            iid,
+            {
+                "schema_version": 1,
+                "impression_id": iid,
+                "timestamp": T0 + i,
+                "campaign": "spring",
+                "audience": "students",
+                "placement": "feed",
+                "creative_id": creative,
+                "propensity": 0.5,
+                "policy": "test",
+            },
+        )
+        if rng.random() < ctr[creative]:
+            stack.publish(
+                "clicks", iid, {"schema_version": 1, "impression_id": iid, "timestamp": T0 + i + 1}
+            )
+            clicks[creative] += 1
+    stack.flush()
+    return clicks
+
+
+def _rows(stack: Stack) -> dict[str, dict]:
+    decision = stack.decision("spring", "students")
+    return {r["creative_id"]: r for r in decision["creatives"]} if decision else {}
+
+
+@pytest.fixture
+def make_stack(settings: Settings) -> Iterator:
+    stacks: list[Stack] = []
+
+    def make(**overrides: object) -> Stack:
+        stack = Stack(settings.with_overrides(**overrides)).start()
+        stack.register(
+            Creative(creative_id="c1", campaign="spring", headline="Spring sale: 30% off"),
+            Creative(creative_id="c2", campaign="spring", headline="Free shipping today"),
+        )
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+def test_labels_verdicts_and_a_detected_drop_reach_the_decisions(make_stack) -> None:
+    stack = make_stack(min_evidence=500)
+    # Phase 1: c1 clearly better.
+    clicks = _publish(stack, 0, 6000, {"c1": 0.10, "c2": 0.03}, seed=1)
+    stack.wait_for(
+        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 6000,
+        what="6,000 impressions counted",
+        state=lambda: _rows(stack),
+    )
+    rows = _rows(stack)
+    assert (rows["c1"]["clicks"], rows["c2"]["clicks"]) == (clicks["c1"], clicks["c2"])
+    assert rows["c1"]["label"] == "best" and rows["c2"]["label"] == "low"
+    assert rows["c2"]["underperforming"]
+    assert rows["c2"]["reasons"][0].startswith("P(within 10% of best) = ")
+    assert "after 3,000 impressions" in rows["c2"]["reasons"][0]
+    assert rows["c1"]["serving_probability"] > 0.9
+    assert rows["c1"]["traffic_share"] == pytest.approx(0.5)
+    assert rows["c1"]["p_best"] > 0.99
+    # Phase 2: c1 wears out (10 % -> 1 %); the change detector cuts its history.
+    _publish(stack, 6000, 8000, {"c1": 0.01, "c2": 0.03}, seed=2)
+    stack.wait_for(
+        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 14000,
+        what="14,000 impressions counted",
+        state=lambda: _rows(stack),
+    )
+    rows = _rows(stack)
+    assert any(reason.startswith("CTR dropped from") for reason in rows["c1"]["reasons"]), rows
+    assert rows["c1"]["label"] != "best" and rows["c2"]["label"] == "best"
+    # The exact counts are untouched by the policy's discounting and cuts.
+    assert rows["c1"]["impressions"] == 7000 and rows["c2"]["impressions"] == 7000
+    status, best = stack.get("/v1/campaigns/spring/audiences/students/best")
+    assert status == 200 and best["creative"]["creative_id"] == "c2"
+    assert best["label"] == "best" and best["policy"] == "discounted_thompson"
+
+
+def test_the_policy_is_configuration(make_stack) -> None:
+    stack = make_stack(policy="kl_ucb", min_learning_share=0.0, exploration_floor=0.02)
+    _publish(stack, 0, 2000, {"c1": 0.08, "c2": 0.02}, seed=3)
+    stack.wait_for(
+        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 2000,
+        what="2,000 impressions counted",
+    )
+    decision = stack.decision("spring", "students")
+    assert decision["policy"] == "kl_ucb"
+    probabilities = {r["creative_id"]: r["serving_probability"] for r in decision["creatives"]}
+    # KL-UCB is deterministic: all traffic to the top index, plus the 2 % floor.
+    assert probabilities == pytest.approx({"c1": 0.99, "c2": 0.01})
