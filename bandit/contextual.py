@@ -44,7 +44,9 @@ class VowpalContextual:
 
     def __init__(
         self,
-        vw_args: Sequence[str] = ("--cb_explore_adf", "--squarecb", "-q", "ca"),
+        # ε-greedy over VW's cost regression: unlike --squarecb it honours the
+        # importance weights that learn_counts folds the stream's counts into.
+        vw_args: Sequence[str] = ("--cb_explore_adf", "--epsilon", "0.05", "-q", "ca"),
         seed: int = 0,
         model: bytes | None = None,
         arm_ids: Sequence[str] = (),
@@ -109,6 +111,26 @@ class VowpalContextual:
     def learn_one(self, context: Features, arm: int, clicked: bool, propensity: float) -> None:
         cost = -1.0 if clicked else 0.0
         self._ws.learn_one(self._examples(context, (arm, cost, max(propensity, 1e-6))))
+
+    def learn_counts(
+        self,
+        context: Features,
+        arm: int,
+        clicks: float,
+        non_clicks: float,
+        propensity: float,
+    ) -> None:
+        """Learn aggregated outcomes (the stream's increments) as at most two examples.
+
+        ``c`` identical examples weigh as one example with ``c`` times the importance
+        weight, and VW's importance weight for a CB example is 1/probability, so the
+        count is folded into the probability: one example for the clicks, one for the
+        non-clicks.
+        """
+        p = max(float(propensity), 1e-6)
+        for count, cost in ((clicks, -1.0), (non_clicks, 0.0)):
+            if count > 0:
+                self._ws.learn_one(self._examples(context, (arm, cost, p / count)))
 
     def learn_many(
         self,

@@ -169,6 +169,9 @@ class Decision(Record, kw_only=True):
     # the decision trails the exchange.
     last_event_at: float = 0.0
     policy: str = "thompson"
+    # Contextual policy only: serving probabilities per placement (placement ->
+    # creative_id -> probability); serving uses them for a matching placement.
+    placements: dict[str, dict[str, float]] = {}
 
 
 class DeadLetter(Record, kw_only=True):

@@ -164,6 +164,7 @@ class PosteriorWorker:
             time.time(),
             engine_config=self.engine_config,
             prior_of=self.prior_of(campaign, audience),
+            contextual=self.settings.policy == "contextual",
         )
         return self._json.encode(decision)
 
@@ -181,6 +182,8 @@ class PosteriorWorker:
                 self.engine_config,
                 self.prior_of(snapshot.campaign, snapshot.audience),
                 snapshot.last_event_at,
+                contextual=self.settings.policy == "contextual",
+                audience=snapshot.audience,
             )
             for reason in alarms:
                 log.info(

@@ -107,9 +107,11 @@ class Settings(BaseSettings):
     # Decisions for keys that changed are published at most this often.
     decision_interval_ms: int = Field(default=25, ge=1)
     # The bandit engine (bandit.CreativeEngine) that the worker and serving run.
-    policy: Literal["discounted_thompson", "thompson", "kl_ucb", "epsilon_greedy", "uniform"] = (
-        "discounted_thompson"
-    )
+    # "contextual": Vowpal Wabbit cb_explore_adf over audience x placement x creative
+    # serves; the discounted Thompson engine still gives labels and verdicts.
+    policy: Literal[
+        "discounted_thompson", "thompson", "kl_ucb", "epsilon_greedy", "uniform", "contextual"
+    ] = "discounted_thompson"
     # Evidence half-life in event time (discounted_thompson): creatives wear out
     # over days, so a week keeps stationary campaigns near plain Thompson sampling.
     half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
@@ -149,7 +151,7 @@ class Settings(BaseSettings):
         from bandit import EngineConfig
 
         return EngineConfig(
-            policy=self.policy,
+            policy="discounted_thompson" if self.policy == "contextual" else self.policy,
             half_life=self.half_life_s,
             detect_changes=self.detect_changes,
             min_evidence=self.min_evidence,

@@ -13,6 +13,7 @@ import msgspec
 import numpy as np
 
 from bandit import BetaArms, BetaPrior, CreativeEngine, EngineConfig
+from bandit.contextual import VowpalContextual
 from schemas import (
     Creative,
     CreativeCounts,
@@ -23,6 +24,10 @@ from schemas import (
 
 DEFAULT_PRIOR_STRENGTH = 20.0
 log = logging.getLogger("adloop.posterior")
+
+
+# creative_id -> placement -> (impressions, clicks) added by one snapshot
+Increments = dict[str, dict[str, tuple[int, int]]]
 
 
 class PosteriorState(msgspec.Struct):
@@ -38,28 +43,32 @@ class PosteriorState(msgspec.Struct):
     sources: dict[int, dict[str, dict[str, CreativeCounts]]] = {}
     last_event_at: float = 0.0
     engine: dict[str, Any] | None = None
+    # The contextual policy's Vowpal Wabbit model (VowpalContextual.to_bytes), when
+    # ADLOOP_POLICY=contextual.
+    contextual: bytes | None = None
 
-    def apply(self, snapshot: OutcomeSnapshot) -> dict[str, tuple[int, int]]:
-        """Take the snapshot's sources; returns the per-creative increments it added.
+    def apply(self, snapshot: OutcomeSnapshot) -> Increments:
+        """Take the snapshot's sources; returns what it added, per creative and placement.
 
         A source snapshot with fewer events than the one held is older (a re-delivery,
         or an ingest re-counting after a restart) and is skipped: the cumulative counts
         of one source never go down, so the increments are never negative.
         """
-        increments: dict[str, tuple[int, int]] = {}
+        increments: Increments = {}
         for partition, by_creative in snapshot.sources.items():
             old = self.sources.get(partition, {})
             if _events(by_creative) < _events(old):
                 continue
             for creative_id, by_placement in by_creative.items():
-                new_imps, new_clicks = _sum_cells(by_placement)
-                old_imps, old_clicks = _sum_cells(old.get(creative_id, {}))
-                if new_imps != old_imps or new_clicks != old_clicks:
-                    imps, clicks = increments.get(creative_id, (0, 0))
-                    increments[creative_id] = (
-                        imps + new_imps - old_imps,
-                        clicks + new_clicks - old_clicks,
-                    )
+                old_cells = old.get(creative_id, {})
+                for placement, cell in by_placement.items():
+                    before = old_cells.get(placement)
+                    d_imps = cell.impressions - (before.impressions if before else 0)
+                    d_clicks = cell.clicks - (before.clicks if before else 0)
+                    if d_imps or d_clicks:
+                        by = increments.setdefault(creative_id, {})
+                        imps, clicks = by.get(placement, (0, 0))
+                        by[placement] = (imps + d_imps, clicks + d_clicks)
             self.sources[partition] = by_creative
         self.last_event_at = max(self.last_event_at, snapshot.last_event_at)
         return increments
@@ -220,15 +229,20 @@ def _add_with_totals(
 
 def learn_increments(
     state: PosteriorState,
-    increments: dict[str, tuple[int, int]],
+    increments: Increments,
     config: EngineConfig,
     prior_of: PriorOf,
     t: float | None,
+    contextual: bool = False,
+    audience: str = "",
 ) -> list[str]:
     """Feed a snapshot's increments to the key's engine; returns the alarms' reasons.
 
-    Call after ``state.apply(snapshot)``, with what it returned.
+    Call after ``state.apply(snapshot)``, with what it returned. With ``contextual``,
+    the key's Vowpal Wabbit model also learns them, per placement.
     """
+    if contextual:
+        _learn_contextual(state, increments, audience)
     if state.engine is None:
         # First snapshot of the key: the rebuild from totals already holds the increments.
         engine, _ = engine_for(state, config, prior_of)
@@ -243,12 +257,63 @@ def learn_increments(
     if increments:
         ids = sorted(increments)
         arms = np.array([engine.add_arm(cid, prior_of(cid)) for cid in ids])
-        imps = np.array([increments[cid][0] for cid in ids], dtype=np.float64)
-        clicks = np.array([increments[cid][1] for cid in ids], dtype=np.float64)
+        sums = [
+            (
+                sum(i for i, _ in increments[cid].values()),
+                sum(c for _, c in increments[cid].values()),
+            )
+            for cid in ids
+        ]
+        imps = np.array([x[0] for x in sums], dtype=np.float64)
+        clicks = np.array([x[1] for x in sums], dtype=np.float64)
         for alarm in engine.learn_many(arms, imps, clicks, t=t or None):
             reasons.append(f"{engine.arm_ids[alarm.arm]}: {alarm.reason()}")
     state.engine = engine.to_dict()
     return reasons
+
+
+def _context(audience: str, placement: str) -> dict[str, str]:
+    # Per-impression context (device, hour) is aggregated away by the ingest stage;
+    # what reaches the worker is the audience and the placement.
+    return {"audience": audience, "placement": placement}
+
+
+def _learn_contextual(state: PosteriorState, increments: Increments, audience: str) -> None:
+    model = (
+        VowpalContextual.from_bytes(state.contextual) if state.contextual else VowpalContextual()
+    )
+    for creative_id in sorted(increments):
+        arm = model.add_arm(creative_id)
+        for placement, (imps, clicks) in sorted(increments[creative_id].items()):
+            context = _context(audience, placement)
+            # The logging propensity is aggregated away: the model's own current
+            # probability stands in for it.
+            propensity = model.serving_probabilities(context)[arm]
+            model.learn_counts(context, arm, clicks, max(imps - clicks, 0), propensity)
+    state.contextual = model.to_bytes()
+
+
+def placement_probabilities(
+    state: PosteriorState, audience: str, servable_ids: list[str], floor: float
+) -> dict[str, dict[str, float]]:
+    """The contextual model's serving distribution per placement seen for this key."""
+    if not state.contextual or not servable_ids:
+        return {}
+    model = VowpalContextual.from_bytes(state.contextual)
+    for creative_id in set(model.arm_ids) - set(servable_ids):
+        model.remove_arm(creative_id)
+    for creative_id in servable_ids:
+        model.add_arm(creative_id)
+    placements = sorted(
+        {pl for by_c in state.sources.values() for by_p in by_c.values() for pl in by_p}
+    )
+    out: dict[str, dict[str, float]] = {}
+    for placement in placements:
+        p = with_exploration_floor(
+            model.serving_probabilities(_context(audience, placement)), floor
+        )
+        out[placement] = {cid: float(p[i]) for i, cid in enumerate(model.arm_ids)}
+    return out
 
 
 def build_decision(
@@ -263,6 +328,7 @@ def build_decision(
     draws: int = 4000,
     engine_config: EngineConfig | None = None,
     prior_of: PriorOf | None = None,
+    contextual: bool = False,
 ) -> Decision:
     """Rank the servable creatives; non-servable ones with traffic follow, at probability 0."""
     config = engine_config or EngineConfig(exploration_floor=exploration_floor, draws=draws)
@@ -279,6 +345,22 @@ def build_decision(
     for creative_id in servable_ids:
         engine.add_arm(creative_id, prior_of(creative_id))
     total_imps = sum(c.impressions for c in totals.values())
+    placements: dict[str, dict[str, float]] = {}
+    audience_probability: dict[str, float] = {}
+    if contextual:
+        placements = placement_probabilities(
+            state, audience, servable_ids, config.exploration_floor
+        )
+        if placements:
+            # The audience-level share: placements weighted by their traffic.
+            traffic = {pl: c.impressions for (_, pl), c in state.by_placement().items()}
+            weights = {pl: traffic.get(pl, 0) for pl in placements}
+            norm = sum(weights.values()) or 1
+            for placement, probs in placements.items():
+                for cid, prob in probs.items():
+                    audience_probability[cid] = (
+                        audience_probability.get(cid, 0.0) + prob * weights[placement] / norm
+                    )
     ranked: list[RankedCreative] = []
     for row in sorted(engine.report(rng), key=lambda r: -r.mean):
         counts = totals.get(row.creative_id, CreativeCounts())
@@ -294,7 +376,9 @@ def build_decision(
                 mean=row.mean,
                 ci_low=row.ci_low,
                 ci_high=row.ci_high,
-                serving_probability=row.serving_probability,
+                serving_probability=audience_probability.get(
+                    row.creative_id, row.serving_probability
+                ),
                 label=row.label,
                 p_best=row.p_best,
                 expected_loss=row.expected_loss,
@@ -325,5 +409,6 @@ def build_decision(
         clicks=sum(c.clicks for c in totals.values()),
         updated_at=now,
         last_event_at=state.last_event_at,
-        policy=config.policy,
+        policy="contextual" if contextual and placements else config.policy,
+        placements=placements,
     )

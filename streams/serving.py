@@ -107,6 +107,7 @@ class _Selection:
     cumulative: np.ndarray
     probabilities: np.ndarray
     cold_start: bool
+    policy: str
 
 
 class DecisionFollower(TopicFollower):
@@ -178,23 +179,40 @@ class ServingApi:
         return app
 
     # -- selection -----------------------------------------------------------------
-    def selection(self, campaign: str, audience: str) -> _Selection | None:
+    def selection(
+        self, campaign: str, audience: str, placement: str | None = None
+    ) -> _Selection | None:
         key = decision_key(campaign, audience)
         decision = self.decision_follower.decisions.get(key)
+        # The contextual policy publishes a distribution per placement.
+        by_placement = decision.placements.get(placement or "") if decision else None
+        cache_key = f"{key}|{placement}" if by_placement else key
         version = (self.registry.version, decision.updated_at if decision else 0.0)
-        cached = self._selections.get(key)
+        cached = self._selections.get(cache_key)
         if cached is not None and cached.version == version:
             return cached
         creatives = self.registry.servable(campaign, audience)
         if not creatives:
             return None
-        probabilities = self._decision_probabilities(decision, creatives)
+        probabilities = None
+        if by_placement and {c.creative_id for c in creatives} <= by_placement.keys():
+            probabilities = np.array([by_placement[c.creative_id] for c in creatives])
+            probabilities = probabilities / probabilities.sum()
+        if probabilities is None:
+            probabilities = self._decision_probabilities(decision, creatives)
         if probabilities is None:
             probabilities = self._local_probabilities(decision, creatives)
         cumulative = np.cumsum(probabilities)
         cumulative[-1] = 1.0
-        cached = _Selection(version, creatives, cumulative, probabilities, decision is None)
-        self._selections[key] = cached
+        cached = _Selection(
+            version,
+            creatives,
+            cumulative,
+            probabilities,
+            decision is None,
+            decision.policy if decision else self.settings.policy,
+        )
+        self._selections[cache_key] = cached
         return cached
 
     @staticmethod
@@ -244,7 +262,7 @@ class ServingApi:
                 f"campaign {body.campaign!r} has no registered creatives; "
                 "register some with POST /v1/creatives",
             )
-        chosen = self.selection(body.campaign, body.audience)
+        chosen = self.selection(body.campaign, body.audience, body.placement)
         if chosen is None:
             return _error(
                 404,
@@ -264,7 +282,7 @@ class ServingApi:
                 headline=creative.headline,
                 description=creative.description,
                 propensity=float(chosen.probabilities[index]),
-                policy="thompson",
+                policy=chosen.policy,
                 cold_start=chosen.cold_start,
                 decided_at=time.time(),
             )

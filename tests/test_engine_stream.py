@@ -20,13 +20,26 @@ pytestmark = pytest.mark.integration
 T0 = 1_760_000_000.0
 
 
-def _publish(stack: Stack, start: int, n: int, ctr: dict[str, float], seed: int) -> dict[str, int]:
-    """n impressions alternating over the creatives, clicks drawn at the given CTRs."""
+def _publish(
+    stack: Stack,
+    start: int,
+    n: int,
+    ctr: dict[str, float],
+    seed: int,
+    placements: dict[str, dict[str, float]] | None = None,
+) -> dict[str, int]:
+    """n impressions alternating over the creatives, clicks drawn at the given CTRs
+    (or per placement, alternating over the placements)."""
     rng = np.random.default_rng(seed)
     creatives = sorted(ctr)
     clicks = dict.fromkeys(creatives, 0)
     for i in range(start, start + n):
         creative = creatives[i % len(creatives)]
+        placement = "feed"
+        rate = ctr[creative]
+        if placements:
+            placement = sorted(placements)[(i // len(creatives)) % len(placements)]
+            rate = placements[placement][creative]
         iid = f"imp-{i}"
         stack.publish(
             "impressions",
@@ -37,13 +50,13 @@ def _publish(stack: Stack, start: int, n: int, ctr: dict[str, float], seed: int)
                 "timestamp": T0 + i,
                 "campaign": "spring",
                 "audience": "students",
-                "placement": "feed",
+                "placement": placement,
                 "creative_id": creative,
                 "propensity": 0.5,
                 "policy": "test",
             },
         )
-        if rng.random() < ctr[creative]:
+        if rng.random() < rate:
             stack.publish(
                 "clicks", iid, {"schema_version": 1, "impression_id": iid, "timestamp": T0 + i + 1}
             )
@@ -122,3 +135,21 @@ def test_the_policy_is_configuration(make_stack) -> None:
     probabilities = {r["creative_id"]: r["serving_probability"] for r in decision["creatives"]}
     # KL-UCB is deterministic: all traffic to the top index, plus the 2 % floor.
     assert probabilities == pytest.approx({"c1": 0.99, "c2": 0.01})
+
+
+def test_contextual_policy_serves_by_placement(make_stack) -> None:
+    stack = make_stack(policy="contextual")
+    rates = {"feed": {"c1": 0.15, "c2": 0.02}, "story": {"c1": 0.02, "c2": 0.15}}
+    _publish(stack, 0, 4000, {"c1": 0.0, "c2": 0.0}, seed=4, placements=rates)
+    stack.wait_for(
+        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 4000,
+        what="4,000 impressions counted",
+    )
+    decision = stack.decision("spring", "students")
+    assert decision["policy"] == "contextual"
+    assert decision["placements"]["feed"]["c1"] > 0.9
+    assert decision["placements"]["story"]["c2"] > 0.9
+    assert stack.api is not None
+    for placement, winner in (("feed", "c1"), ("story", "c2")):
+        chosen = [stack.api("spring", "students", placement)["creative_id"] for _ in range(100)]
+        assert chosen.count(winner) >= 80, (placement, chosen)

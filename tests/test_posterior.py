@@ -9,7 +9,10 @@ from schemas import Creative, CreativeCounts, OutcomeSnapshot
 from streams.posterior import (
     PosteriorState,
     build_decision,
+    decode_state,
+    encode_state,
     learn_increments,
+    placement_probabilities,
     prior_for,
 )
 
@@ -43,10 +46,13 @@ def feed(state: PosteriorState, snapshot: OutcomeSnapshot, config: EngineConfig)
 def test_increments_are_differences_and_stale_snapshots_are_skipped() -> None:
     state = PosteriorState()
     assert state.apply(snap({0: {"c1": (10, 1)}, 1: {"c2": (5, 0)}})) == {
-        "c1": (10, 1),
-        "c2": (5, 0),
+        "c1": {"feed": (10, 1)},
+        "c2": {"feed": (5, 0)},
     }
-    assert state.apply(snap({0: {"c1": (15, 1), "c2": (3, 1)}})) == {"c1": (5, 0), "c2": (3, 1)}
+    assert state.apply(snap({0: {"c1": (15, 1), "c2": (3, 1)}})) == {
+        "c1": {"feed": (5, 0)},
+        "c2": {"feed": (3, 1)},
+    }
     # A re-delivered older snapshot of partition 0 changes nothing...
     assert state.apply(snap({0: {"c1": (10, 1)}})) == {}
     # ...and the same snapshot twice adds nothing the second time.
@@ -100,3 +106,59 @@ def test_decision_ranks_servable_creatives_and_keeps_retired_counts() -> None:
     assert rows["c3"].impressions == 500
     assert abs(sum(r.serving_probability for r in decision.creatives) - 1.0) < 1e-9
     assert abs(rows["c1"].traffic_share - 2000 / 4500) < 1e-12
+
+
+def test_contextual_policy_learns_which_creative_suits_which_placement() -> None:
+    config = EngineConfig(min_evidence=100)
+    state = PosteriorState()
+    rng = np.random.default_rng(2)
+    best = {"feed": "c1", "story": "c2"}
+    cum: dict[str, dict[str, list[int]]] = {}
+    for step in range(60):
+        # Exposures follow the published distribution, as serving does.
+        shown = placement_probabilities(state, "students", ["c1", "c2"], 0.01)
+        for placement, winner in best.items():
+            probs = shown.get(placement, {"c1": 0.5, "c2": 0.5})
+            exposures = rng.multinomial(100, [probs["c1"], probs["c2"]])
+            for cid, n in zip(("c1", "c2"), exposures, strict=True):
+                k = int(rng.binomial(n, 0.15 if cid == winner else 0.02))
+                cell = cum.setdefault(cid, {}).setdefault(placement, [0, 0])
+                cell[0] += int(n)
+                cell[1] += k
+        snapshot = OutcomeSnapshot(
+            campaign="spring",
+            audience="students",
+            sources={
+                0: {
+                    cid: {pl: CreativeCounts(*v) for pl, v in by.items()} for cid, by in cum.items()
+                }
+            },
+            emitted_at=float(step),
+            last_event_at=float(step),
+        )
+        increments = state.apply(snapshot)
+        learn_increments(
+            state,
+            increments,
+            config,
+            lambda cid: prior_for(None),
+            float(step),
+            contextual=True,
+            audience="students",
+        )
+    decision = build_decision(
+        "spring",
+        "students",
+        state,
+        [CREATIVES["c1"], CREATIVES["c2"]],
+        CREATIVES,
+        np.random.default_rng(3),
+        now=100.0,
+        engine_config=config,
+        contextual=True,
+    )
+    assert decision.policy == "contextual"
+    for placement, winner in best.items():
+        assert decision.placements[placement][winner] > 0.9, decision.placements
+    # The model is in the table value and survives the state's msgpack round trip.
+    assert decode_state(encode_state(state)).contextual == state.contextual
