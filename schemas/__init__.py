@@ -2,7 +2,9 @@
 
 from schemas.records import (
     SCHEMA_VERSION,
+    AuditEntry,
     Brief,
+    CampaignSettings,
     Click,
     Conversion,
     Creative,
@@ -17,6 +19,7 @@ from schemas.records import (
     OutcomeSnapshot,
     RankedCreative,
     Rejection,
+    StatusChange,
     decision_key,
     split_decision_key,
 )
@@ -24,7 +27,9 @@ from schemas.validation import InvalidRecord, RecordDecoder
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AuditEntry",
     "Brief",
+    "CampaignSettings",
     "Click",
     "Conversion",
     "Creative",
@@ -41,6 +46,7 @@ __all__ = [
     "RankedCreative",
     "RecordDecoder",
     "Rejection",
+    "StatusChange",
     "decision_key",
     "split_decision_key",
 ]

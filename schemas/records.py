@@ -92,7 +92,9 @@ class Conversion(Record, kw_only=True):
     value: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
 
 
-CreativeStatus = Literal["active", "pending_review", "paused", "retired"]
+# pending_review: generated, waiting for a person (auto_approve off); rejected: a
+# person said no; retired: never served again.
+CreativeStatus = Literal["active", "pending_review", "paused", "retired", "rejected"]
 
 
 class Creative(Record, kw_only=True):
@@ -113,9 +115,29 @@ class Creative(Record, kw_only=True):
     status: CreativeStatus = "active"
     created_at: Timestamp = 0.0
     lineage: Lineage | None = None
+    # Audiences it was retired from (replaced there by a better creative); it keeps
+    # serving the others.
+    retired_audiences: Annotated[list[EventKey], msgspec.Meta(max_length=1024)] = []
+    # Every status change, oldest first: the creative's story.
+    history: Annotated[list[StatusChange], msgspec.Meta(max_length=1000)] = []
 
     def targets(self, audience: str) -> bool:
+        if audience in self.retired_audiences:
+            return False
         return not self.audiences or audience in self.audiences
+
+
+class StatusChange(msgspec.Struct, kw_only=True):
+    """One entry of a creative's audit trail."""
+
+    at: Timestamp
+    actor: Annotated[
+        str, msgspec.Meta(min_length=1, max_length=128)
+    ]  # human:<name> / system:<role>
+    action: str  # created, approved, rejected, retired, retired_in_audience, pinned, ...
+    status: str  # the status after the change
+    reason: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+    audience: str | None = None
 
 
 class Lineage(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -243,7 +265,7 @@ class GenerationRequest(Record, kw_only=True):
 
     request_id: Identifier
     campaign: Identifier
-    audience: Identifier
+    audience: EventKey
     audience_description: Annotated[str, msgspec.Meta(max_length=500)] = ""
     brief: Brief
     winners: Annotated[list[ExampleCreative], msgspec.Meta(max_length=10)] = []
@@ -281,6 +303,40 @@ class GenerationResult(Record, kw_only=True):
     finished_at: float = 0.0
 
 
+class CampaignSettings(Record, kw_only=True):
+    """What people steer per campaign. Compacted topic, key campaign."""
+
+    campaign: Identifier
+    brief: Brief | None = None
+    # Off by default: nothing generated goes live until a person approves it.
+    auto_approve: bool = False
+    # Automation paused: no generation, no retirement (serving goes on as it is).
+    paused: bool = False
+    # Always kept: never retired by the loop.
+    pinned: Annotated[list[Identifier], msgspec.Meta(max_length=256)] = []
+    n_variants: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    # Generation requests this campaign may make in total.
+    generation_budget: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 20
+    max_live_per_audience: Annotated[int, msgspec.Meta(ge=1, le=100)] = 6
+    cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 1800.0
+    audience_descriptions: dict[str, Annotated[str, msgspec.Meta(max_length=500)]] = {}
+    updated_at: Timestamp = 0.0
+    updated_by: str = "system"
+
+
+class AuditEntry(Record, kw_only=True):
+    """Every status change and setting change, who/what, when, why. Key campaign."""
+
+    at: Timestamp
+    actor: str
+    campaign: str
+    action: str
+    creative_id: str | None = None
+    audience: str | None = None
+    reason: str = ""
+    details: dict[str, str | int | float | bool | None] = {}
+
+
 RECORD_TYPES: dict[str, type[msgspec.Struct]] = {
     "impression": Impression,
     "click": Click,
@@ -290,6 +346,8 @@ RECORD_TYPES: dict[str, type[msgspec.Struct]] = {
     "dead_letter": DeadLetter,
     "generation_request": GenerationRequest,
     "generation_result": GenerationResult,
+    "campaign_settings": CampaignSettings,
+    "audit_entry": AuditEntry,
 }
 
 

@@ -26,6 +26,8 @@ TopicRole = Literal[
     "outcomes",
     "generation_requests",
     "generation_results",
+    "campaigns",
+    "audit",
 ]
 TOPIC_ROLES: tuple[TopicRole, ...] = (
     "impressions",
@@ -37,6 +39,8 @@ TOPIC_ROLES: tuple[TopicRole, ...] = (
     "outcomes",
     "generation_requests",
     "generation_results",
+    "campaigns",
+    "audit",
 )
 
 

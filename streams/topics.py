@@ -33,7 +33,7 @@ from streams.config import TOPIC_ROLES, Settings, TopicRole
 log = logging.getLogger("adloop.topics")
 
 #: Keyed by creative / arm id, only the latest value matters.
-COMPACTED_ROLES: frozenset[TopicRole] = frozenset({"decisions", "creatives"})
+COMPACTED_ROLES: frozenset[TopicRole] = frozenset({"decisions", "creatives", "campaigns"})
 
 
 @dataclass(frozen=True)
