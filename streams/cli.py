@@ -143,6 +143,17 @@ def serve(**flags: Any) -> None:
     run_serving(settings)
 
 
+@main.command("loop")
+@_settings_options
+def loop_(**flags: Any) -> None:
+    """Run the loop controller: underperformers -> generation requests -> retirements."""
+    settings = _load(**flags)
+    _needs_broker(settings, "loop")
+    from streams.controller import run_loop
+
+    run_loop(settings)
+
+
 @main.command()
 @_settings_options
 def up(**flags: Any) -> None:

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     # Impressions of evidence before a creative can be called an underperformer.
     min_evidence: int = Field(default=2000, ge=0)
 
+    # --- The loop (adloop loop) ---------------------------------------------------------
+    loop_tick_s: float = Field(default=1.0, gt=0)
+    # A generation request with no result after this long is retried (3 attempts).
+    generation_timeout_s: float = Field(default=300.0, gt=0)
+
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from schemas import Creative, Decision
+from schemas import CampaignSettings, Creative, Decision
 from streams.serving import (
     BestResponse,
     CreativeList,
@@ -21,11 +21,30 @@ from streams.serving import (
     SelectRequest,
     SelectResponse,
 )
+from streams.steering import Action, AuditTrail, ReviewQueue, SettingsUpdate, Story
 
 OPENAPI_PATH = Path(__file__).parent / "openapi.json"
 
 _CAMPAIGN = {"name": "campaign", "in": "path", "required": True, "schema": {"type": "string"}}
 _AUDIENCE = {"name": "audience", "in": "path", "required": True, "schema": {"type": "string"}}
+_CREATIVE = {"name": "creative_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _creative_action(verb: str, what: str, returns: type) -> tuple:
+    return (
+        "post",
+        f"/v1/creatives/{{creative_id}}/{verb}",
+        what,
+        Action,
+        {
+            200: ("done; the updated record", returns),
+            400: ("invalid body", ErrorResponse),
+            404: ("unknown creative", ErrorResponse),
+            409: ("not allowed from the creative's status", ErrorResponse),
+        },
+        [_CREATIVE],
+    )
+
 
 # (method, path, summary, request type, {status: (description, type)}, path params)
 ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list[dict]]] = [
@@ -84,6 +103,51 @@ ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list
         },
         [_CAMPAIGN, _AUDIENCE],
     ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/settings",
+        "The campaign's settings (brief, auto_approve, pause, pins, budget)",
+        None,
+        {200: ("settings", CampaignSettings)},
+        [_CAMPAIGN],
+    ),
+    (
+        "put",
+        "/v1/campaigns/{campaign}/settings",
+        "Change settings (fields given only); recorded in the audit trail with the actor",
+        SettingsUpdate,
+        {200: ("new settings", CampaignSettings), 400: ("invalid body", ErrorResponse)},
+        [_CAMPAIGN],
+    ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/review",
+        "Generated candidates waiting for approval, best predicted CTR first",
+        None,
+        {200: ("review queue", ReviewQueue)},
+        [_CAMPAIGN],
+    ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/story",
+        "Every creative with its story: lineage, trigger, prior, live CTR per audience, "
+        "label, status changes",
+        None,
+        {200: ("story", Story), 404: ("unknown campaign", ErrorResponse)},
+        [_CAMPAIGN],
+    ),
+    (
+        "get",
+        "/v1/campaigns/{campaign}/audit",
+        "Audit trail, newest first",
+        None,
+        {200: ("audit trail", AuditTrail)},
+        [_CAMPAIGN],
+    ),
+    _creative_action("approve", "Approve a generated candidate: it goes live", Creative),
+    _creative_action("reject", "Reject a generated candidate", Creative),
+    _creative_action("pin", "Pin a creative: the loop never retires it", CampaignSettings),
+    _creative_action("unpin", "Unpin a creative", CampaignSettings),
 ]
 
 
@@ -123,7 +187,8 @@ def build() -> dict[str, Any]:
         "info": {
             "title": "adloop serving API",
             "version": "1",
-            "description": "Which creative to show, and creative registration.",
+            "description": "Which creative to show, creative registration, and steering "
+            "the loop (settings, review, pins, story, audit).",
         },
         "paths": paths,
         "components": {"schemas": components},

@@ -139,6 +139,9 @@ class ServingApi:
         self._producer: AIOKafkaProducer | None = None
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
         self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
+        from streams.steering import Steering
+
+        self.steering = Steering(self)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -146,10 +149,16 @@ class ServingApi:
         await self._producer.start()
         await self.registry_follower.start()
         await self.decision_follower.start()
+        for follower in self.steering.followers:
+            await follower.start()
         await self.registry_follower.wait_caught_up()
         await self.decision_follower.wait_caught_up()
+        for follower in self.steering.followers:
+            await follower.wait_caught_up()
 
     async def stop(self) -> None:
+        for follower in self.steering.followers:
+            await follower.stop()
         await self.decision_follower.stop()
         await self.registry_follower.stop()
         if self._producer is not None:
@@ -165,6 +174,7 @@ class ServingApi:
                 web.get("/v1/campaigns/{campaign}/creatives", self.list_creatives),
                 web.get("/v1/campaigns/{campaign}/audiences/{audience}/best", self.best),
                 web.get("/v1/campaigns/{campaign}/audiences/{audience}/decision", self.decision),
+                *self.steering.routes(),
             ]
         )
 

@@ -1,0 +1,286 @@
+"""``adloop loop``: the process that closes the loop (thin adapter around streams.loop).
+
+It follows the decisions, creatives, campaigns, generation-requests and
+generation-results topics from the beginning (all of its state is on them), and every
+``loop_tick_s`` runs :func:`streams.loop.plan` for each campaign × audience. It
+publishes generation requests, creatives retired from an audience (with the reason in
+their history), and an audit entry for everything it does. Failed requests are
+retried a bounded number of times, then reported in the audit trail and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaProducer
+from msgspec import structs
+
+from schemas import (
+    AuditEntry,
+    CampaignSettings,
+    Creative,
+    GenerationRequest,
+    GenerationResult,
+    StatusChange,
+    decision_key,
+)
+from streams.config import Settings, TopicRole
+from streams.follower import TopicFollower
+from streams.kafka import producer_kwargs
+from streams.loop import LoopRules, Retirement, plan
+from streams.registry import CreativeRegistry, RegistryFollower
+
+log = logging.getLogger("adloop.loop")
+
+ACTOR = "system:loop"
+_json = msgspec.json.Encoder()
+
+
+class RecordFollower(TopicFollower):
+    """Decodes every record of a topic as ``record_type`` and hands it to ``on_record``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        role: TopicRole,
+        record_type: type[msgspec.Struct],
+        on_record: Callable[[Any], None],
+    ) -> None:
+        super().__init__(settings, role, max(settings.fetch_wait_ms, 50))
+        self._decoder = msgspec.json.Decoder(record_type)
+        self._on_record = on_record
+
+    def apply(self, record: Any) -> None:
+        if record.value is None:
+            return
+        try:
+            value = self._decoder.decode(record.value)
+        except msgspec.MsgspecError as exc:
+            log.warning("skipping invalid record", extra={"topic": self.topic, "error": str(exc)})
+            return
+        self._on_record(value)
+
+
+def audit(
+    campaign: str,
+    action: str,
+    reason: str,
+    actor: str = ACTOR,
+    creative_id: str | None = None,
+    audience: str | None = None,
+    **details: Any,
+) -> AuditEntry:
+    return AuditEntry(
+        at=time.time(),
+        actor=actor,
+        campaign=campaign,
+        action=action,
+        creative_id=creative_id,
+        audience=audience,
+        reason=reason,
+        details=details,
+    )
+
+
+def retire_in_audience(creative: Creative, retirement: Retirement, actor: str) -> Creative:
+    """The creative, retired from one audience (from all of them: status retired)."""
+    retired = sorted({*creative.retired_audiences, retirement.audience})
+    everywhere = bool(creative.audiences) and set(creative.audiences) <= set(retired)
+    status = "retired" if everywhere else creative.status
+    change = StatusChange(
+        at=time.time(),
+        actor=actor,
+        action="retired" if everywhere else "retired_in_audience",
+        status=status,
+        reason=retirement.reason,
+        audience=retirement.audience,
+    )
+    return structs.replace(
+        creative,
+        retired_audiences=retired,
+        status=status,
+        history=[*creative.history, change],
+    )
+
+
+class LoopController:
+    def __init__(self, settings: Settings, rules: LoopRules | None = None) -> None:
+        from streams.serving import DecisionFollower
+
+        self.settings = settings
+        self.rules = rules or LoopRules(request_timeout_s=settings.generation_timeout_s)
+        self.registry = CreativeRegistry()
+        self.campaigns: dict[str, CampaignSettings] = {}
+        self.requests: dict[str, list[GenerationRequest]] = defaultdict(list)
+        self.request_ids: set[str] = set()
+        self.results: dict[str, GenerationResult] = {}
+        self.reported: set[str] = set()
+        self.decisions = DecisionFollower(settings)
+        self.followers: list[TopicFollower] = [
+            RegistryFollower(settings, self.registry),
+            self.decisions,
+            RecordFollower(settings, "campaigns", CampaignSettings, self._on_campaign),
+            RecordFollower(settings, "generation_requests", GenerationRequest, self._on_request),
+            RecordFollower(settings, "generation_results", GenerationResult, self._on_result),
+            RecordFollower(settings, "audit", AuditEntry, self._on_audit),
+        ]
+        self._producer: AIOKafkaProducer | None = None
+
+    # -- state from the topics ----------------------------------------------------------
+    def _on_campaign(self, c: CampaignSettings) -> None:
+        self.campaigns[c.campaign] = c
+
+    def _on_request(self, r: GenerationRequest) -> None:
+        if r.request_id not in self.request_ids:
+            self.request_ids.add(r.request_id)
+            self.requests[decision_key(r.campaign, r.audience)].append(r)
+
+    def _on_result(self, r: GenerationResult) -> None:
+        self.results[r.request_id] = r
+
+    def _on_audit(self, a: AuditEntry) -> None:
+        if a.action == "generation_failed" and isinstance(a.details.get("request_id"), str):
+            self.reported.add(str(a.details["request_id"]))
+
+    def campaign_requests(self, campaign: str) -> int:
+        return sum(
+            1 for key, reqs in self.requests.items() if key.startswith(f"{campaign}|") for r in reqs
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(**producer_kwargs(self.settings, acks="all"))
+        await self._producer.start()
+        for follower in self.followers:
+            await follower.start()
+        for follower in self.followers:
+            await follower.wait_caught_up()
+
+    async def stop(self) -> None:
+        for follower in self.followers:
+            await follower.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def _send(self, role: TopicRole, key: str, value: msgspec.Struct) -> None:
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            self.settings.topic(role), key=key.encode(), value=_json.encode(value)
+        )
+
+    # -- one pass ---------------------------------------------------------------------
+    async def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for key, decision in sorted(self.decisions.decisions.items()):
+            settings = self.campaigns.get(decision.campaign)
+            if settings is None:
+                continue  # no settings, no automation: the campaign never opted in
+            creatives = {
+                c.creative_id: c for c in self.registry.campaign_creatives(decision.campaign)
+            }
+            p = plan(
+                decision,
+                settings,
+                creatives,
+                self.requests.get(key, []),
+                self.results,
+                self.campaign_requests(decision.campaign),
+                now,
+                self.rules,
+                frozenset(self.reported),
+            )
+            for retirement in p.retire:
+                creative = self.registry.get(retirement.creative_id)
+                if creative is None:
+                    continue
+                updated = retire_in_audience(creative, retirement, ACTOR)
+                await self._send("creatives", updated.creative_id, updated)
+                self.registry.put(updated)
+                await self._send(
+                    "audit",
+                    decision.campaign,
+                    audit(
+                        decision.campaign,
+                        "retired",
+                        retirement.reason,
+                        creative_id=updated.creative_id,
+                        audience=retirement.audience,
+                    ),
+                )
+                log.info(
+                    "retired",
+                    extra={
+                        "creative": updated.creative_id,
+                        "audience": retirement.audience,
+                        "reason": retirement.reason,
+                    },
+                )
+            if p.request is not None:
+                r = p.request
+                await self._send("generation_requests", r.request_id, r)
+                self._on_request(r)
+                await self._send(
+                    "audit",
+                    decision.campaign,
+                    audit(
+                        decision.campaign,
+                        "generation_requested",
+                        r.trigger or "",
+                        creative_id=r.underperformer.creative_id if r.underperformer else None,
+                        audience=r.audience,
+                        request_id=r.request_id,
+                        n_variants=r.n_variants,
+                    ),
+                )
+                log.info(
+                    "generation requested", extra={"request_id": r.request_id, "trigger": r.trigger}
+                )
+            for failure in p.failures:
+                request_id = failure.split()[1]
+                self.reported.add(request_id)
+                await self._send(
+                    "audit",
+                    decision.campaign,
+                    audit(
+                        decision.campaign,
+                        "generation_failed",
+                        failure,
+                        audience=decision.audience,
+                        request_id=request_id,
+                    ),
+                )
+                log.error(
+                    "generation failed; check `adloop generator` and its log",
+                    extra={"reason": failure},
+                )
+
+    async def run(self) -> None:
+        await self.start()
+        log.info("loop ready", extra={"tick_s": self.settings.loop_tick_s})
+        try:
+            while True:
+                await self.tick()
+                await asyncio.sleep(self.settings.loop_tick_s)
+        finally:
+            await self.stop()
+
+
+def run_loop(settings: Settings) -> None:
+    from streams.broker import install_shutdown_signals
+
+    async def main() -> None:
+        controller = LoopController(settings)
+        task = asyncio.ensure_future(controller.run())
+        install_shutdown_signals(lambda: task.cancel())
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.info("loop stopped")
+
+    asyncio.run(main())
