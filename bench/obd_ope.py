@@ -31,9 +31,11 @@ BTS log's frequency of each item at each position (its actions only, not its rew
 as the time-averaged action distribution of the policy that actually ran.
 
 adloop's own policy is evaluated on the same random log, as adloop would run: per
-audience (``user_feature_0``, see ``bench.logs``) a Beta(1, 1) Thompson posterior over the
-80 items, counts summed over positions, serving probabilities from 2,000 Monte Carlo
-draws mixed with the exploration floor (``streams.posterior``). Two views:
+audience (``user_feature_0``, see ``bench.logs``) the bandit engine the worker runs
+(``bandit.CreativeEngine`` configured by ``Settings``: by default discounted Thompson
+sampling, a one-week half-life in event time, change detection, a minimum share for
+creatives still learning and the 1 % exploration floor) over the 80 items with uniform
+priors, counts summed over positions. Two views:
 
 * **replay** (Li et al.): adloop learns only from the rounds where its own choice
   matched the log — an unbiased estimate of the adaptive policy, but with ~1/80 of the
@@ -63,6 +65,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from bandit import CreativeEngine
 from bench.logs import obd_sample_path
 from bench.ope import (
     Estimate,
@@ -73,9 +76,7 @@ from bench.ope import (
     replay,
     snips,
 )
-from schemas import Creative, CreativeCounts
 from streams.config import Settings
-from streams.posterior import build_arms, with_exploration_floor
 
 log = logging.getLogger("adloop.bench.obd_ope")
 
@@ -86,6 +87,7 @@ USER_FEATURES = ("user_feature_0", "user_feature_1", "user_feature_2", "user_fea
 class ObdLog:
     """One OBD log as arrays over rounds (sorted by time, as obp does)."""
 
+    timestamp: np.ndarray  # float, epoch seconds
     item: np.ndarray  # int, 0..n_items-1
     position: np.ndarray  # int, 0-based
     click: np.ndarray  # float 0/1
@@ -105,6 +107,7 @@ class ObdLog:
 
 def load_obd(path: Path) -> ObdLog:
     """An OBD CSV (``<policy>/<campaign>/<campaign>.csv``) as arrays."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
 
     columns = ["timestamp", "item_id", "position", "click", "propensity_score", *USER_FEATURES]
@@ -112,11 +115,13 @@ def load_obd(path: Path) -> ObdLog:
         path,
         convert_options=pacsv.ConvertOptions(
             include_columns=columns,
-            column_types={f: "string" for f in USER_FEATURES} | {"timestamp": "string"},
+            column_types={f: pa.string() for f in USER_FEATURES}
+            | {"timestamp": pa.timestamp("us", tz="UTC")},
         ),
     )
     data = table.to_pydict()
-    order = np.argsort(np.asarray(data["timestamp"]), kind="stable")
+    timestamp = table.column("timestamp").cast(pa.int64()).to_numpy() / 1e6
+    order = np.argsort(timestamp, kind="stable")
     positions = np.asarray(data["position"])[order]
     # Positions as a dense 0-based rank (obp: rankdata(..., "dense") - 1).
     _, position = np.unique(positions, return_inverse=True)
@@ -126,6 +131,7 @@ def load_obd(path: Path) -> ObdLog:
         pacsv.read_csv(item_context).num_rows if item_context.exists() else int(item.max()) + 1
     )
     return ObdLog(
+        timestamp=timestamp[order],
         item=item,
         position=position.astype(np.int64),
         click=np.asarray(data["click"], dtype=float)[order],
@@ -205,17 +211,33 @@ def reward_model(log: ObdLog, n_folds: int = 3, seed: int = 12345) -> np.ndarray
     return predictions
 
 
-def _adloop_arms(n_items: int, counts: np.ndarray) -> Any:
-    creatives = [
-        Creative(creative_id=f"item-{a}", campaign="obd", headline=f"item {a}")
-        for a in range(n_items)
-    ]
-    totals = {
-        f"item-{a}": CreativeCounts(impressions=int(counts[a, 0]), clicks=int(counts[a, 1]))
-        for a in range(n_items)
-        if counts[a, 0]
-    }
-    return build_arms(creatives, totals)
+class AdloopAudience:
+    """adloop's policy for one campaign × audience, as the worker runs it: the bandit
+    engine configured by ``Settings`` (``ADLOOP_POLICY``, half-life, exploration floor,
+    learning share), one uniform-prior arm per item, learning counts summed over
+    positions at their event times."""
+
+    def __init__(self, n_items: int, settings: Settings) -> None:
+        self.engine = CreativeEngine(settings.engine_config())
+        for a in range(n_items):
+            self.engine.add_arm(f"item-{a}")
+        self.arms = np.arange(n_items)
+        self.pending = np.zeros((n_items, 2))
+        self.pending_t = 0.0
+
+    def observe(self, item: int, click: float, t: float) -> None:
+        self.pending[item] += (1.0, click)
+        self.pending_t = t
+
+    def probabilities(self, rng: np.random.Generator) -> np.ndarray:
+        """Serving probabilities after learning what was observed since the last call."""
+        seen = self.pending[:, 0] > 0
+        if seen.any():
+            self.engine.learn_many(
+                self.arms[seen], self.pending[seen, 0], self.pending[seen, 1], t=self.pending_t
+            )
+            self.pending[:] = 0.0
+        return self.engine.serving_probabilities(rng)
 
 
 def adloop_probabilities(
@@ -227,24 +249,19 @@ def adloop_probabilities(
     """adloop's serving distribution before each round, learning from every earlier
     round of the log: (rounds, n_items)."""
     audiences = log.audience
-    counts = {a: np.zeros((log.n_items, 2), dtype=np.int64) for a in np.unique(audiences)}
+    policies = {a: AdloopAudience(log.n_items, settings) for a in np.unique(audiences)}
     current: dict[Any, np.ndarray] = {}
     stale: dict[Any, int] = {}
     dist = np.zeros((len(log), log.n_items))
     for i in range(len(log)):
         audience = audiences[i]
         if audience not in current or stale[audience] >= refresh_every:
-            arms = _adloop_arms(log.n_items, counts[audience])
-            current[audience] = with_exploration_floor(
-                arms.selection_probabilities(rng, draws=settings.selection_draws),
-                settings.exploration_floor,
-            )
+            current[audience] = policies[audience].probabilities(rng)
             stale[audience] = 0
         dist[i] = current[audience]
-        counts[audience][log.item[i], 0] += 1
+        policies[audience].observe(log.item[i], log.click[i], log.timestamp[i])
         stale[audience] += 1
         if log.click[i]:
-            counts[audience][log.item[i], 1] += 1
             stale[audience] = refresh_every  # a click moves the posterior: refresh
     return dist
 
@@ -253,22 +270,17 @@ def adloop_replay(log: ObdLog, settings: Settings, rng: np.random.Generator) -> 
     """Li et al.'s replay of adloop as an adaptive policy: it sees (and learns from) only
     the rounds where its own choice equals the logged item."""
     audiences = log.audience
-    counts = {a: np.zeros((log.n_items, 2), dtype=np.int64) for a in np.unique(audiences)}
+    policies = {a: AdloopAudience(log.n_items, settings) for a in np.unique(audiences)}
     current: dict[Any, np.ndarray] = {}
     choices = np.empty(len(log), dtype=np.int64)
     for i in range(len(log)):
         audience = audiences[i]
         if audience not in current:
-            arms = _adloop_arms(log.n_items, counts[audience])
-            current[audience] = with_exploration_floor(
-                arms.selection_probabilities(rng, draws=settings.selection_draws),
-                settings.exploration_floor,
-            )
+            current[audience] = policies[audience].probabilities(rng)
         probs = current[audience]
         choices[i] = rng.choice(log.n_items, p=probs / probs.sum())
         if choices[i] == log.item[i]:
-            counts[audience][log.item[i], 0] += 1
-            counts[audience][log.item[i], 1] += int(log.click[i])
+            policies[audience].observe(log.item[i], log.click[i], log.timestamp[i])
             current.pop(audience)  # its posterior changed
     return replay(log.item, log.click, choices, interval="exact")
 
@@ -301,6 +313,7 @@ class OpeReport:
     diagnostics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     note: str = ""
+    policy: str = ""  # adloop's configured policy (ADLOOP_POLICY)
 
     def to_dict(self) -> dict[str, Any]:
         def est(e: Estimate | None) -> dict[str, Any] | None:
@@ -321,6 +334,7 @@ class OpeReport:
             "diagnostics": self.diagnostics,
             "seconds": self.seconds,
             "note": self.note,
+            "policy": self.policy,
         }
 
 
@@ -338,7 +352,7 @@ def run_obd_ope(
     rng = np.random.default_rng(seed)
     random_log = load_obd(random_path or obd_sample_path(f"random/{campaign}"))
     bts_log = load_obd(bts_path or obd_sample_path(f"bts/{campaign}"))
-    report = OpeReport(campaign, len(random_log), len(bts_log), n_sim)
+    report = OpeReport(campaign, len(random_log), len(bts_log), n_sim, policy=settings.policy)
     report.ground_truth = on_policy(bts_log.click, interval="exact")
     report.random_ctr = on_policy(random_log.click, interval="exact")
     q = reward_model(random_log, seed=seed)

@@ -50,6 +50,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 
+from bandit import BetaPrior
 from bench.exchange import HttpSelector
 from bench.harness import deployment, free_port, log_time, process_peaks, raw_consume_rate
 from bench.logs import LoggedImpression
@@ -66,7 +67,13 @@ from schemas import (
 )
 from streams.config import Settings
 from streams.kafka import consumer_kwargs, producer_kwargs
-from streams.posterior import PosteriorState, build_arms, build_decision
+from streams.posterior import (
+    PosteriorState,
+    build_arms,
+    build_decision,
+    learn_increments,
+    prior_for,
+)
 from streams.supervisor import Supervisor
 from streams.topics import ensure_topics_sync
 
@@ -239,9 +246,10 @@ def engine_ceiling(
     seed: int = 0,
 ) -> EngineReport:
     """The same events through adloop's pure logic, in one process, no Kafka: decode,
-    join clicks to impressions, aggregate per campaign × audience × creative × placement,
-    and per batch rebuild the decision of every changed key (BetaArms counts, Thompson
-    serving probabilities with the exploration floor: ``streams.posterior``)."""
+    join clicks to impressions, aggregate per campaign × audience × creative × placement
+    (the ingest), then per batch and changed key what the worker does with a snapshot:
+    decode it, ``PosteriorState.apply``, ``learn_increments`` into the bandit engine, and
+    ``build_decision`` (``streams.posterior``, configured by ``settings``)."""
     enc = msgspec.json.Encoder()
     events: list[tuple[bool, bytes]] = []
     for record in records:
@@ -256,9 +264,18 @@ def engine_ceiling(
     by_campaign: dict[str, list[Creative]] = defaultdict(list)
     for creative in creatives:
         by_campaign[creative.campaign].append(creative)
+    config = settings.engine_config()
+
+    def prior_of(creative_id: str) -> BetaPrior:
+        return prior_for(lookup.get(creative_id))
+
     rng = np.random.default_rng(seed)
     decode_imp = msgspec.json.Decoder(Impression).decode
     decode_click = msgspec.json.Decoder(Click).decode
+    decode_snapshot = msgspec.json.Decoder(OutcomeSnapshot).decode
+    # The ingest's cumulative counts per key, and the worker's state per key.
+    counts: dict[str, dict[str, dict[str, CreativeCounts]]] = {}
+    last_event: dict[str, float] = {}
     states: dict[str, PosteriorState] = {}
     joined: dict[str, tuple[str, CreativeCounts]] = {}
     report = EngineReport(events=len(events), batch_events=batch_events)
@@ -271,16 +288,14 @@ def engine_ceiling(
             if is_impression:
                 imp = decode_imp(raw)
                 key = decision_key(imp.campaign, imp.audience)
-                state = states.get(key)
-                if state is None:
-                    state = states[key] = PosteriorState(sources={0: {}})
                 cell = (
-                    state.sources[0]
+                    counts.setdefault(key, {})
                     .setdefault(imp.creative_id, {})
                     .setdefault(imp.placement, CreativeCounts())
                 )
                 cell.impressions += 1
                 joined[imp.impression_id] = (key, cell)
+                last_event[key] = max(last_event.get(key, 0.0), imp.timestamp)
             else:
                 click = decode_click(raw)
                 hit = joined.get(click.impression_id)
@@ -289,19 +304,33 @@ def engine_ceiling(
                 key, cell = hit
                 cell.clicks += 1
             dirty.add(key)
-        for key in dirty:
+        for key in sorted(dirty):
             campaign, audience = split_decision_key(key)
             decision_started = time.perf_counter()
+            snapshot = decode_snapshot(
+                enc.encode(
+                    OutcomeSnapshot(
+                        campaign=campaign,
+                        audience=audience,
+                        sources={0: counts[key]},
+                        emitted_at=time.time(),
+                        last_event_at=last_event[key],
+                    )
+                )
+            )
+            state = states.setdefault(key, PosteriorState(sources={}))
+            increments = state.apply(snapshot)
+            learn_increments(state, increments, config, prior_of, snapshot.last_event_at)
             decisions[key] = build_decision(
                 campaign,
                 audience,
-                states[key],
+                state,
                 by_campaign[campaign],
                 lookup,
                 rng,
                 time.time(),
-                exploration_floor=settings.exploration_floor,
-                draws=settings.selection_draws,
+                engine_config=config,
+                prior_of=prior_of,
             )
             report.decisions += 1
             decision_s += time.perf_counter() - decision_started

@@ -482,8 +482,9 @@ def _markdown(
             "## 3. The engine's ceiling (no Kafka)",
             "",
             f"The same {e['events']:,.0f} OBD events through adloop's pure logic in one process: "
-            "JSON decode, click join, aggregation per creative × placement, and a decision "
-            f"(BetaArms counts + Thompson serving probabilities) per changed key every "
+            "JSON decode, click join, aggregation per creative × placement, then what the "
+            "worker does with a snapshot (apply, feed the bandit engine, build the decision) "
+            f"per changed key every "
             f"{e['batch_events']:,.0f} events: **{e['events_per_s']:,.0f} events/s** "
             f"({e['decisions']:,.0f} decisions, {e['decision_ms']:.1f} ms each: the worker "
             "does this per changed campaign × audience on every decision tick). "
@@ -549,8 +550,9 @@ def _ope_markdown(ope: Any) -> list[str]:
         lines += ["", ope.note]
     lines += [
         "",
-        "adloop's own policy on the random log (per-audience Beta(1, 1) Thompson sampling over "
-        "the 80 items with the exploration floor, as `streams.posterior` serves it). Replay "
+        "adloop's own policy on the random log: per audience, the bandit engine the worker runs "
+        f"(`bandit.CreativeEngine` with the default settings: policy `{ope.policy}`, 1 % "
+        "exploration floor) over the 80 items with uniform priors. Replay "
         "lets it learn only from the rounds it matched (unbiased for the adaptive policy, few "
         "rounds); the other estimators let it learn from every earlier logged round.",
         "",

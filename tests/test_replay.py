@@ -277,6 +277,7 @@ def test_bts_action_distribution_of_a_certain_ranking() -> None:
 def test_estimators_on_a_tiny_obd_log_by_hand() -> None:
     # Three items, two positions, uniform logging (1/3 per item at a position).
     log = ObdLog(
+        timestamp=np.arange(4.0),
         item=np.array([0, 1, 2, 0]),
         position=np.array([0, 0, 1, 1]),
         click=np.array([1.0, 0.0, 1.0, 0.0]),
@@ -303,6 +304,7 @@ def test_estimators_on_a_tiny_obd_log_by_hand() -> None:
 def test_adloop_policy_learns_from_the_logged_stream() -> None:
     n = 400
     log = ObdLog(
+        timestamp=T0 + np.arange(n, dtype=float),
         item=np.tile([0, 1], n // 2),
         position=np.zeros(n, dtype=int),
         click=np.tile([1.0, 0.0], n // 2),  # item 0 always clicked
@@ -313,7 +315,7 @@ def test_adloop_policy_learns_from_the_logged_stream() -> None:
     )
     dist = adloop_probabilities(log, Settings(), np.random.default_rng(0), refresh_every=10)
     assert dist.sum(axis=1) == pytest.approx(np.ones(n))
-    assert dist[0] == pytest.approx([0.5, 0.5], abs=0.05)  # Beta(1, 1) for both
+    assert dist[0] == pytest.approx([0.5, 0.5], abs=0.05)  # uniform priors for both
     # After many clicks on item 0 only the exploration floor goes to item 1.
     assert dist[-1][1] == pytest.approx(Settings().exploration_floor / 2, abs=1e-3)
 
