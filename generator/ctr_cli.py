@@ -63,6 +63,12 @@ HELP_DEFAULTS: dict[str, Any] = {
 )
 @click.option("--backbone", help="hub id or local BERT directory (default: shipped MiniLM)")
 @click.option("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+@click.option(
+    "--promote-always",
+    is_flag=True,
+    default=None,
+    help="make the model current even if it is worse than the global CTR on validation",
+)
 @click.option("--no-progress", is_flag=True, help="no progress bars (for logs/CI)")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING")
 def train_ctr(
@@ -145,10 +151,17 @@ def _print_summary(card: dict[str, Any], directory: Path) -> None:
     console = Console()
     console.print(table)
     training = card["training"]
+    if not card.get("promoted", True):
+        console.print(
+            "[bold red]not promoted[/]: worse than the global CTR on validation; "
+            "`current` still names the previous model (--promote-always overrides)"
+        )
     console.print(
         f"log-loss before training {metrics['initial_model']['log_loss']:.4f}; "
         f"{training['steps']} steps, best at {training['best_step']}, "
         f"{training['seconds']} s on {training['device']}\n"
-        f"written to {directory} (current → {card['version']}); model card: "
+        f"written to {directory}"
+        + (f" (current → {card['version']})" if card.get("promoted", True) else "")
+        + "; model card: "
         f"{directory / 'MODEL_CARD.md'}"
     )

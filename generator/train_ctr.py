@@ -520,6 +520,7 @@ class TrainConfig:
     # words of new creatives, unseen in the logs, keep their place next to the seen ones.
     freeze_word_embeddings: bool = True
     keep_versions: int = 5
+    promote_always: bool = False  # point `current` at the model even if worse than global CTR
     max_bad_fraction: float = 0.01
     device: str | None = None
     progress: bool = True
@@ -709,10 +710,25 @@ def train_ctr(
     card = _model_card(
         impressions, train, val, cutoff, config, source, metrics, training, mc, error_std
     )
-    directory = _save(model, tokenizer, card, Path(models_dir), config.keep_versions)
-    log.info(
-        "ctr model written",
-        extra={"version": card["version"], "dir": str(directory), "metrics": metrics["model"]},
+    # A model that predicts worse than the constant training CTR (a diverged run, a
+    # broken export) is written for inspection but does not go live.
+    promoted = config.promote_always or (
+        metrics["model"]["log_loss"] <= metrics["global_ctr"]["log_loss"]
+    )
+    card["promoted"] = promoted
+    directory = _save(model, tokenizer, card, Path(models_dir), config.keep_versions, promoted)
+    log.log(
+        logging.INFO if promoted else logging.WARNING,
+        "ctr model written"
+        if promoted
+        else "ctr model written, NOT promoted: worse than the "
+        "global CTR on validation; `current` unchanged",
+        extra={
+            "version": card["version"],
+            "dir": str(directory),
+            "promoted": promoted,
+            "metrics": metrics["model"],
+        },
     )
     return TrainResult(version=card["version"], directory=directory, card=card)
 
@@ -833,6 +849,7 @@ def render_model_card(card: dict[str, Any]) -> str:
     )
     hyper = "\n".join(f"| {k} | {v} |" for k, v in card["hyperparameters"].items())
     training = card["training"]
+    promoted = "yes" if card.get("promoted") else "no (worse than the global CTR on validation)"
     return f"""# CTR model {card["version"]}
 
 {card["task"]}. {card["architecture"]} on `{card["backbone"]["id"]}`
@@ -840,7 +857,7 @@ def render_model_card(card: dict[str, Any]) -> str:
 {card["max_length"]} tokens. Trained with the {card["loss"]}: predictions are
 probabilities, not scores to be re-scaled.
 
-Created {card["created_at"]}.
+Created {card["created_at"]}. Promoted to `current`: {promoted}.
 
 ## Data
 
@@ -886,7 +903,9 @@ whatever the text suggests, with no guarantee.
 """
 
 
-def _save(model: Any, tokenizer: Any, card: dict[str, Any], models_dir: Path, keep: int) -> Path:
+def _save(
+    model: Any, tokenizer: Any, card: dict[str, Any], models_dir: Path, keep: int, promote: bool
+) -> Path:
     root = ctr_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / card["version"]
@@ -902,7 +921,8 @@ def _save(model: Any, tokenizer: Any, card: dict[str, Any], models_dir: Path, ke
     (staging / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     (staging / CARD_MD).write_text(render_model_card(card), encoding="utf-8")
     os.replace(staging, final)
-    write_pointer(root, card["version"])
+    if promote:
+        write_pointer(root, card["version"])
     _prune(root, keep)
     return final
 

@@ -106,6 +106,7 @@ def test_model_card_is_written_next_to_the_weights(trained: Trained) -> None:
     }
     card = json.loads((directory / CARD_JSON).read_text())
     assert card["version"] == directory.name == trained.result.version
+    assert card["promoted"] is True  # better than the global CTR, so it went live
     assert card["backbone"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
     data = card["data"]
     assert data["rows_read"] == data["impressions"] == TINY_SIM.impressions
