@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,36 @@ class Scenario:
                 ctr[(creative.creative_id, audience)] = float(value)
         return cls(campaign, creatives, list(AUDIENCES), ctr)
 
+    # Text-aware scenario only: the hidden CTR comes from the creative's text, so
+    # creatives that did not exist at the start (generated ones) have one too.
+    text_world: Any = None
+    texts: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def text_aware(cls, seed: int = 7, campaign: str = "shoes") -> Scenario:
+        from bench.textsim import POOL, SHARES, TextWorld
+
+        world = TextWorld(seed=seed)
+        creatives = [
+            Creative(creative_id=cid, campaign=campaign, headline=text, origin="human")
+            for cid, text in POOL
+        ]
+        scenario = cls(campaign, creatives, list(SHARES), {}, text_world=world)
+        for c in creatives:
+            scenario.observe(c.creative_id, c.headline, c.description)
+        return scenario
+
+    def observe(self, creative_id: str, headline: str, description: str) -> None:
+        """Remember a creative's text (the exchange sees it in every select answer)."""
+        if self.text_world is not None and creative_id not in self.texts:
+            self.texts[creative_id] = (headline, description)
+            for audience in self.audiences:
+                self.ctr[(creative_id, audience)] = self.text_world.intrinsic_ctr(
+                    headline, description, audience
+                )
+
     def best_ctr(self, audience: str) -> float:
+        """Best CTR of the *initial* creatives: the bar generated ones must beat."""
         return max(self.ctr[(c.creative_id, audience)] for c in self.creatives)
 
     def mean_ctr(self, audience: str) -> float:
@@ -144,6 +174,7 @@ class SimulatedExchange:
         t0 = time.perf_counter()
         choice = self.select(sc.campaign, audience, placement)
         self.tally.select_ms.append((time.perf_counter() - t0) * 1000)
+        sc.observe(choice["creative_id"], choice["headline"], choice.get("description", ""))
         impression = Impression(
             impression_id=choice["impression_id"],
             timestamp=now,

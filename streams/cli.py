@@ -195,7 +195,7 @@ def up(**flags: Any) -> None:
 @click.option(
     "--events",
     type=int,
-    default=15_000,
+    default=60_000,
     show_default=True,
     help="impressions the simulated exchange sends before the summary",
 )
@@ -208,14 +208,22 @@ def up(**flags: Any) -> None:
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--no-live", is_flag=True, help="no live console view (for logs/CI)")
-def demo(events: int, rate: float, seed: int, no_live: bool, **flags: Any) -> None:
+@click.option(
+    "--loop/--no-loop",
+    default=True,
+    show_default=True,
+    help="run the closed loop (LLM variants, CTR model) on a text-aware exchange",
+)
+def demo(events: int, rate: float, seed: int, no_live: bool, loop: bool, **flags: Any) -> None:
     """The main job: embedded broker + adloop + a simulated exchange, with a live view."""
     settings = _load(**flags)
     _interrupt_on_signals()
     from streams.demo import run_demo
 
     with broker_with_topics(settings) as live:
-        summary = run_demo(live, events=events, rate=rate, seed=seed, live_view=not no_live)
+        summary = run_demo(
+            live, events=events, rate=rate, seed=seed, live_view=not no_live, loop=loop
+        )
     sys.exit(0 if summary.ok else 1)
 
 

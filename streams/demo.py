@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class DemoSummary:
     select_p99_ms: float
     bad_events_sent: int = 0
     dead_lettered: int = 0
+    loop: dict[str, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -49,6 +51,7 @@ def _view(
         table = Table(title=f"{scenario.campaign} · {audience}", expand=True)
         for column in (
             "creative",
+            "label",
             "imps",
             "clicks",
             "CTR",
@@ -63,16 +66,18 @@ def _view(
                 best = row["creative_id"] == decision["best_creative_id"]
                 table.add_row(
                     ("★ " if best else "  ") + row["creative_id"],
+                    row.get("label", ""),
                     f"{row['impressions']:,}",
                     f"{row['clicks']:,}",
                     f"{ctr:.2%}",
                     f"{row['mean']:.2%} ({row['ci_low']:.2%}–{row['ci_high']:.2%})",
                     f"{row['serving_probability']:.1%}",
-                    f"{scenario.ctr[(row['creative_id'], audience)]:.2%}",
+                    _true_ctr(scenario, row["creative_id"], audience),
                 )
         else:
-            table.add_row("(no traffic yet)", "", "", "", "", "", "")
+            table.add_row("(no traffic yet)", "", "", "", "", "", "", "")
         tables.append(table)
+    events = loop_events(api, scenario.campaign)
     tally = exchange.tally
     elapsed = max(time.monotonic() - started, 1e-9)
     ctr = tally.clicks / tally.impressions if tally.impressions else 0.0
@@ -82,7 +87,44 @@ def _view(
         f"{tally.expected_best / max(tally.impressions, 1):.2%} · uniform "
         f"{tally.expected_uniform / max(tally.impressions, 1):.2%}"
     )
-    return Group(header, *tables)
+    return Group(header, *tables, *(["[bold]the loop[/]", *events] if events else []))
+
+
+def _true_ctr(scenario: Scenario, creative_id: str, audience: str) -> str:
+    value = scenario.ctr.get((creative_id, audience))
+    return f"{value:.2%}" if value is not None else "?"
+
+
+def loop_events(api: HttpSelector, campaign: str) -> list[str]:
+    """One line per generation request: trigger → asked → passed filters → live → retired."""
+    status, trail = api.get(f"/v1/campaigns/{campaign}/audit")
+    if status != 200:
+        return []
+    _, story = api.get(f"/v1/campaigns/{campaign}/story")
+    by_request: dict[str, list[dict]] = {}
+    for item in story.get("creatives", []):
+        lineage = item["creative"].get("lineage")
+        if lineage:
+            by_request.setdefault(lineage["request_id"], []).append(item)
+    retired = {e["creative_id"] for e in trail["entries"] if e["action"] == "retired"}
+    lines = []
+    for e in reversed(trail["entries"]):
+        if e["action"] == "generation_requested":
+            rid = e["details"].get("request_id", "")
+            made = by_request.get(rid, [])
+            live = [m for m in made if m["creative"]["status"] == "active"]
+            served = [m for m in live if sum(a["impressions"] for a in m["audiences"]) > 0]
+            trigger = e["reason"].split(":")[0]
+            line = (
+                f"{trigger} ({e['audience']}) → asked {e['details'].get('n_variants')} variants"
+                f" → {len(made)} passed filters → {len(live)} live, {len(served)} served"
+            )
+            if e.get("creative_id") in retired:
+                line += f" → {e['creative_id']} retired"
+            lines.append(line)
+        elif e["action"] == "generation_failed":
+            lines.append(f"[red]{e['reason']}[/]")
+    return lines[-8:]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -99,10 +141,15 @@ def run_demo(
     seed: int,
     live_view: bool = True,
     bad_event_rate: float = 0.001,
+    loop: bool = True,
 ) -> DemoSummary:
     console = Console(stderr=True)
-    scenario = Scenario.default(seed)
-    with Supervisor(settings) as sup:
+    scenario = Scenario.text_aware(seed) if loop else Scenario.default(seed)
+    roles = ("ingest", "worker", "serve", "loop", "generator") if loop else None
+    if loop:
+        # A short demo: judge creatives on less evidence than a real campaign would.
+        settings = settings.with_overrides(min_evidence=600, generator_seed=seed)
+    with Supervisor(settings, **({"roles": roles} if roles else {})) as sup:
         console.print(
             f"[bold]adloop demo[/]: broker {settings.broker}, API "
             f"http://{settings.api_host}:{settings.api_port}, logs in {sup.log_dir}"
@@ -111,6 +158,8 @@ def run_demo(
         api = HttpSelector(settings.api_host, settings.api_port)
         for creative in scenario.creatives:
             api.register(creative)
+        if loop:
+            _opt_in(api, scenario.campaign)
         producer = KafkaProducer(
             **kafka_python_kwargs(KafkaProducer, settings, linger_ms=20, acks="all")
         )
@@ -152,6 +201,10 @@ def run_demo(
             summary = _wait_for_counts(api, scenario, exchange, timeout=180.0)
             summary.bad_events_sent = exchange.tally.bad_events
             summary.dead_lettered = _count_dead_letters(settings)
+            if loop:
+                summary.loop = _loop_counts(api, scenario.campaign)
+                for line in loop_events(api, scenario.campaign):
+                    console.print(line)
             if live:
                 live.update(_view(api, scenario, exchange, started))
         finally:
@@ -160,6 +213,49 @@ def run_demo(
             producer.close()
     _print_summary(console, summary)
     return summary
+
+
+def _opt_in(api: HttpSelector, campaign: str) -> None:
+    """The demo advertiser's settings: a brief, and auto-approval (it is a demo)."""
+    import msgspec
+
+    from bench.textsim import BRIEF, DESCRIPTIONS
+
+    body = {
+        "actor": "human:demo-advertiser",
+        "reason": "demo: generated variants may go live without review",
+        "brief": msgspec.to_builtins(BRIEF),
+        "auto_approve": True,
+        "cooldown_s": 10.0,
+        "n_variants": 6,
+        "generation_budget": 12,
+        "audience_descriptions": DESCRIPTIONS,
+    }
+    api.conn.request(
+        "PUT",
+        f"/v1/campaigns/{campaign}/settings",
+        json.dumps(body),
+        {"Content-Type": "application/json"},
+    )
+    response = api.conn.getresponse()
+    payload = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"campaign settings refused: {payload.decode()}")
+
+
+def _loop_counts(api: HttpSelector, campaign: str) -> dict[str, int]:
+    _, trail = api.get(f"/v1/campaigns/{campaign}/audit")
+    _, story = api.get(f"/v1/campaigns/{campaign}/story")
+    generated = [c for c in story.get("creatives", []) if c["creative"]["origin"] == "generated"]
+    actions = [e["action"] for e in trail.get("entries", [])]
+    return {
+        "requested": actions.count("generation_requested"),
+        "passed_filters": len(generated),
+        "live": sum(c["creative"]["status"] == "active" for c in generated),
+        "served": sum(sum(a["impressions"] for a in c["audiences"]) > 0 for c in generated),
+        "retired": actions.count("retired"),
+        "failed": actions.count("generation_failed"),
+    }
 
 
 def _counted(api: HttpSelector, scenario: Scenario) -> tuple[int, int]:
@@ -223,10 +319,19 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
     )
     table.add_row("realized CTR", f"{s.realized_ctr:.3%}")
     table.add_row(
-        "best single creative in hindsight",
+        "best initial creative in hindsight"
+        if s.loop is not None
+        else "best single creative in hindsight",
         f"{s.best_in_hindsight_ctr:.3%} (adloop: "
         f"{s.realized_ctr / max(s.best_in_hindsight_ctr, 1e-12):.1%} of it)",
     )
+    if s.loop is not None:
+        table.add_row(
+            "the loop",
+            f"{s.loop['requested']} requests → {s.loop['passed_filters']} variants passed filters"
+            f" → {s.loop['live']} live ({s.loop['served']} served) · {s.loop['retired']} "
+            f"retired · {s.loop['failed']} failed",
+        )
     table.add_row(
         "uniform random",
         f"{s.uniform_ctr:.3%} (adloop lift: {s.realized_ctr / max(s.uniform_ctr, 1e-12) - 1:+.1%})",

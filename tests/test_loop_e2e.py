@@ -1,0 +1,161 @@
+"""The closed loop end to end on the embedded broker, with the real small models.
+
+ingest + worker + serve + loop + generator as real processes. An underperformer gets
+a verdict, the loop asks for variants, the generator writes and scores them, they wait
+for review (auto_approve off) and are never served before approval; a person approves
+one, it goes live, the underperformer is retired in that audience, and the generated
+creative is served. Its story is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from schemas import Creative
+from streams.config import Settings
+from streams.supervisor import Supervisor
+from tests.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def call(stack: Stack, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://{stack.settings.api_host}:{stack.settings.api_port}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[Stack]:
+    s = Stack(
+        settings.with_overrides(
+            min_evidence=300, loop_tick_s=0.5, generator_seed=3, generator_time_limit_s=240
+        )
+    )
+    s.sup = Supervisor(s.settings, roles=("ingest", "worker", "serve", "loop", "generator"))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack) -> None:
+    stack.register(
+        Creative(creative_id="c1", campaign="shoes", headline="Fast shoes, 30% off"),
+        Creative(creative_id="c2", campaign="shoes", headline="Shop our shoes"),
+    )
+    status, _ = call(
+        stack,
+        "PUT",
+        "/v1/campaigns/shoes/settings",
+        {
+            "actor": "human:alice",
+            "reason": "start the loop, with review",
+            "brief": {"product": "running shoes", "key_message": "light, fast, 30% off"},
+            "auto_approve": False,
+            "cooldown_s": 5.0,
+            "n_variants": 3,
+        },
+    )
+    assert status == 200
+    rng = np.random.default_rng(0)
+    for i in range(1200):
+        creative = ("c1", "c2")[i % 2]
+        iid = f"i{i}"
+        stack.publish(
+            "impressions",
+            iid,
+            {
+                "schema_version": 1,
+                "impression_id": iid,
+                "timestamp": 1_760_000_000.0 + i,
+                "campaign": "shoes",
+                "audience": "students",
+                "placement": "feed",
+                "creative_id": creative,
+                "propensity": 0.5,
+                "policy": "test",
+            },
+        )
+        if rng.random() < (0.12 if creative == "c1" else 0.01):
+            stack.publish(
+                "clicks",
+                iid,
+                {"schema_version": 1, "impression_id": iid, "timestamp": 1_760_000_001.0 + i},
+            )
+    stack.flush()
+
+    def review() -> list[dict]:
+        return call(stack, "GET", "/v1/campaigns/shoes/review")[1]["candidates"]
+
+    stack.wait_for(
+        lambda: bool(review()),
+        timeout=240,
+        what="candidates in the review queue",
+        state=lambda: call(stack, "GET", "/v1/campaigns/shoes/audit")[1],
+    )
+    candidates = review()
+    # Waiting for review: never served.
+    served = {stack.api("shoes", "students", "feed")["creative_id"] for _ in range(100)}
+    assert served <= {"c1", "c2"}
+    chosen = candidates[0]
+    assert chosen["parent_id"] == "c2" and chosen["predicted_ctr"] > 0
+    assert chosen["lineage"]["trigger"].startswith("creative c2 low")
+    status, approved = call(
+        stack,
+        "POST",
+        f"/v1/creatives/{chosen['creative_id']}/approve",
+        {"actor": "human:alice", "reason": "on brand"},
+    )
+    assert status == 200 and approved["status"] == "active"
+    # Approving twice is refused with the reason.
+    status, again = call(
+        stack, "POST", f"/v1/creatives/{chosen['creative_id']}/approve", {"actor": "human:alice"}
+    )
+    assert status == 409 and again["error"] == "invalid_status"
+
+    def c2_retired() -> bool:
+        creatives = call(stack, "GET", "/v1/campaigns/shoes/creatives")[1]["creatives"]
+        return any(
+            c["creative_id"] == "c2" and "students" in c["retired_audiences"] for c in creatives
+        )
+
+    stack.wait_for(c2_retired, timeout=60, what="c2 retired in students")
+    seen: set[str] = set()
+    stack.wait_for(
+        lambda: (
+            seen.update(stack.api("shoes", "students", "feed")["creative_id"] for _ in range(50))
+            or chosen["creative_id"] in seen
+        ),
+        timeout=30,
+        what="the generated creative served",
+    )
+    assert "c2" not in {stack.api("shoes", "students", "feed")["creative_id"] for _ in range(200)}
+    # The story: lineage, trigger, prior, status changes; the audit trail names people.
+    story = {
+        c["creative"]["creative_id"]: c
+        for c in call(stack, "GET", "/v1/campaigns/shoes/story")[1]["creatives"]
+    }
+    mine = story[chosen["creative_id"]]
+    assert [h["action"] for h in mine["creative"]["history"]] == ["created", "approved"]
+    assert mine["creative"]["history"][1]["actor"] == "human:alice"
+    assert mine["prior_ctr"] == chosen["predicted_ctr"]
+    assert mine["creative"]["lineage"]["request_id"]
+    old = story["c2"]["creative"]["history"][-1]
+    assert old["action"] == "retired_in_audience" and old["reason"].startswith("replaced by")
+    actions = [e["action"] for e in call(stack, "GET", "/v1/campaigns/shoes/audit")[1]["entries"]]
+    assert {"settings_changed", "generation_requested", "approved", "retired"} <= set(actions)
