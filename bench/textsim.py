@@ -155,6 +155,8 @@ def run_once(
         "min_evidence": 1500,
         "loop_tick_s": 1.0,
         "generator_seed": seed,
+        "ctr_retrain_interval_s": 90.0,
+        "ctr_retrain_max_steps": 150,
     }
     with deployment(None, **overrides) as settings, Supervisor(settings, roles=roles) as sup:
         sup.wait_http_ready()
@@ -272,7 +274,19 @@ def run_once(
         producer.close()
         if with_loop:
             result.loop = _loop_stats(base, campaign)
+            result.loop["ctr_models"] = _model_cards(
+                settings.models_dir or settings.data_dir / "models"
+            )
     return result
+
+
+def _model_cards(models_dir: Path) -> list[dict[str, Any]]:
+    """Each CTR model version trained during the run, with its validation metrics."""
+    cards = []
+    for path in sorted((models_dir / "ctr").glob("*/model_card.json")):
+        card = json.loads(path.read_text())
+        cards.append({"version": card.get("version"), "metrics": card.get("metrics")})
+    return cards
 
 
 def _builtins(struct: Any) -> Any:

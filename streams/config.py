@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     loop_tick_s: float = Field(default=1.0, gt=0)
     # A generation request with no result after this long is retried (3 attempts).
     generation_timeout_s: float = Field(default=300.0, gt=0)
+    # The loop retrains the CTR model from the stream this often (0 = only on demand:
+    # `adloop train-ctr --from-kafka`); the generator picks up each new version
+    # without a restart.
+    ctr_retrain_interval_s: float = Field(default=0.0, ge=0)
+    ctr_retrain_max_steps: int = Field(default=300, ge=1)
 
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -260,14 +261,59 @@ class LoopController:
                     extra={"reason": failure},
                 )
 
+    async def retrain(self) -> int:
+        """Train a new CTR model version from the topics (a child process, so the loop
+        keeps ticking); the generator reloads it. Returns the exit code."""
+        from streams.supervisor import settings_env
+
+        s = self.settings
+        args = [
+            sys.executable,
+            "-m",
+            "streams.cli",
+            "train-ctr",
+            "--from-kafka",
+            "--no-progress",
+            "--max-steps",
+            str(s.ctr_retrain_max_steps),
+        ]
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            env=settings_env(s),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await proc.communicate()
+        tail = output.decode(errors="replace").strip().splitlines()[-3:]
+        if proc.returncode == 0:
+            log.info(
+                "CTR model retrained",
+                extra={"seconds": round(time.monotonic() - started, 1), "output": " | ".join(tail)},
+            )
+        else:
+            log.error(
+                "CTR retraining failed; run `adloop train-ctr --from-kafka` to see why",
+                extra={"code": proc.returncode, "output": " | ".join(tail)},
+            )
+        return proc.returncode or 0
+
+    async def _retrain_on_schedule(self) -> None:
+        interval = self.settings.ctr_retrain_interval_s
+        while interval > 0:
+            await asyncio.sleep(interval)
+            await self.retrain()
+
     async def run(self) -> None:
         await self.start()
         log.info("loop ready", extra={"tick_s": self.settings.loop_tick_s})
+        retraining = asyncio.ensure_future(self._retrain_on_schedule())
         try:
             while True:
                 await self.tick()
                 await asyncio.sleep(self.settings.loop_tick_s)
         finally:
+            retraining.cancel()
             await self.stop()
 
 
