@@ -168,15 +168,23 @@ def generator_(**flags: Any) -> None:
 
 @main.command()
 @_settings_options
-def up(**flags: Any) -> None:
-    """Start everything: broker (embedded unless configured), ingest, worker, serving API."""
+@click.option(
+    "--loop/--no-loop",
+    default=True,
+    show_default=True,
+    help="also run the loop controller and the generator (loads the LLM and CTR model)",
+)
+def up(loop: bool, **flags: Any) -> None:
+    """Start everything: broker (embedded unless configured), ingest, worker, serving API,
+    loop controller and generator."""
     settings = _load(**flags)
     _interrupt_on_signals()
     import time
 
-    from streams.supervisor import Supervisor
+    from streams.supervisor import LOOP_ROLES, ROLES, Supervisor
 
-    with broker_with_topics(settings) as live, Supervisor(live) as sup:
+    roles = ROLES + LOOP_ROLES if loop else ROLES
+    with broker_with_topics(settings) as live, Supervisor(live, roles=roles) as sup:
         sup.wait_http_ready()
         click.echo(
             f"adloop up: broker {live.broker}, API http://{live.api_host}:{live.api_port}, "

@@ -15,7 +15,7 @@ from rich.table import Table
 from bench.exchange import HttpSelector, Scenario, SimulatedExchange
 from streams.config import Settings
 from streams.kafka import kafka_python_kwargs
-from streams.supervisor import Supervisor
+from streams.supervisor import LOOP_ROLES, ROLES, Supervisor
 
 log = logging.getLogger("adloop.demo")
 
@@ -145,11 +145,11 @@ def run_demo(
 ) -> DemoSummary:
     console = Console(stderr=True)
     scenario = Scenario.text_aware(seed) if loop else Scenario.default(seed)
-    roles = ("ingest", "worker", "serve", "loop", "generator") if loop else None
+    roles = ROLES + LOOP_ROLES if loop else ROLES
     if loop:
         # A short demo: judge creatives on less evidence than a real campaign would.
         settings = settings.with_overrides(min_evidence=600, generator_seed=seed)
-    with Supervisor(settings, **({"roles": roles} if roles else {})) as sup:
+    with Supervisor(settings, roles=roles) as sup:
         console.print(
             f"[bold]adloop demo[/]: broker {settings.broker}, API "
             f"http://{settings.api_host}:{settings.api_port}, logs in {sup.log_dir}"

@@ -1,4 +1,4 @@
-"""Runs adloop's roles (ingest, worker, serve) as supervised child processes.
+"""Runs adloop's roles (ingest, worker, serve; loop, generator) as supervised child processes.
 
 Children get the parent's Settings through ``ADLOOP_*`` variables, log to
 ``<data_dir>/logs/<role>.log``, and are killed by the kernel if the parent dies
@@ -24,6 +24,8 @@ from streams.config import Settings
 log = logging.getLogger("adloop.supervisor")
 
 ROLES = ("ingest", "worker", "serve")
+# The closed loop: the controller and the generator (which loads the models).
+LOOP_ROLES = ("loop", "generator")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
