@@ -98,6 +98,30 @@ SYSTEM_MESSAGE = (
 )
 
 
+# Worked examples shown as earlier turns of the conversation, for products unlike any
+# real brief. A 135M model told the format in words mostly echoes the instructions
+# ("at most 30 characters"); shown two answers, it writes ads (measured: about 10 of 16
+# answers usable instead of 1-2). Fixed text: no request data ever goes here. The
+# pipeline drops copies of these ads as duplicates (``EXAMPLE_ADS``).
+FEW_SHOT: tuple[tuple[dict[str, Any], str, str], ...] = (
+    (
+        {
+            "product": "Roastery coffee beans",
+            "key_message": "roasted the day we ship",
+            "audience": "home baristas",
+        },
+        "Roasted Today, Yours Tomorrow",
+        "Fresh beans from our roastery, shipped the day they are roasted.",
+    ),
+    (
+        {"product": "Lumo desk lamp", "audience": "remote workers"},
+        "Light That Works Late",
+        "A warm, glare-free lamp for long days at the home office.",
+    ),
+)
+EXAMPLE_ADS: tuple[tuple[str, str], ...] = tuple((h, d) for _, h, d in FEW_SHOT)
+
+
 @dataclass(frozen=True, slots=True)
 class PromptLimits:
     """Field limits the task text announces (the filters enforce them)."""
@@ -203,7 +227,18 @@ def build_messages(
         has_underperformer=request.underperformer is not None,
     )
     user = f"{data_block(request_data(request))}\n\n{task}"
+    examples: list[dict[str, str]] = []
+    for data, headline, description in FEW_SHOT:
+        example_task = task_message(1, "en", limits)
+        examples += [
+            {"role": "user", "content": f"{data_block(data)}\n\n{example_task}"},
+            {
+                "role": "assistant",
+                "content": f"{ANSWER_PREFIX} {headline} | Description: {description}",
+            },
+        ]
     return [
         {"role": "system", "content": SYSTEM_MESSAGE},
+        *examples,
         {"role": "user", "content": user},
     ]

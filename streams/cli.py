@@ -350,6 +350,10 @@ from generator.ctr_cli import train_ctr  # noqa: E402
 
 main.add_command(train_ctr)
 
+from generator.cli import generate  # noqa: E402
+
+main.add_command(generate)
+
 
 if __name__ == "__main__":
     main()
