@@ -72,12 +72,21 @@ def summarize(
     wins = np.zeros(k)
     near = np.zeros(k)
     loss = np.zeros(k)
+    # Beyond ~50 clicks and non-clicks a Beta is indistinguishable from its normal
+    # approximation for these purposes, and normal variates cost a tenth as much: what
+    # keeps a decision over 80 creatives in milliseconds.
+    big = (alpha > 50) & (beta > 50)
+    sd = np.sqrt(alpha * beta / ((alpha + beta) ** 2 * (alpha + beta + 1))) if k else alpha
     if k:
         block = max(1, _MAX_BLOCK // k)
         remaining = int(draws)
         while remaining:
             m = min(block, remaining)
-            theta = rng.beta(alpha, beta, size=(m, k))
+            theta = np.empty((m, k))
+            if big.any():
+                theta[:, big] = mean[big] + sd[big] * rng.standard_normal((m, int(big.sum())))
+            if (~big).any():
+                theta[:, ~big] = rng.beta(alpha[~big], beta[~big], size=(m, int((~big).sum())))
             top = theta.max(axis=1, keepdims=True)
             wins += np.bincount(np.argmax(theta, axis=1), minlength=k)
             near += (theta >= (1 - within) * theta[:, compare].max(axis=1, keepdims=True)).sum(

@@ -134,11 +134,13 @@ class CreativeEngine:
     # -- deciding --------------------------------------------------------------------
     def summary(self, rng: np.random.Generator) -> PosteriorSummary:
         s = self.policy.stats
+        # A budget of variates, not of draws: many arms get fewer (never < 400) draws.
+        draws = max(400, min(self.config.draws, 40_000 // max(len(s.arm_ids), 1)))
         return summarize(
             s.alpha,
             s.beta,
             rng,
-            draws=self.config.draws,
+            draws=draws,
             within=self.config.within,
             max_relative_width=self.config.labels.max_relative_width,
         )

@@ -123,6 +123,8 @@ class PosteriorWorker:
         # overwrites) a newer decision from the agent.
         self._publish_lock = asyncio.Lock()
         self._dirty: set[bytes] = set()
+        # When each dirty key became dirty: the oldest are decided first.
+        self._dirty_since: dict[bytes, float] = {}
         self.app.agent(self.outcomes, name="apply-outcomes")(self._apply_outcomes)
         self.app.task(self._follow_registry)
         self.app.timer(interval=settings.decision_interval_ms / 1000)(self._publish_dirty)
@@ -198,15 +200,24 @@ class PosteriorWorker:
             # Decisions are coalesced: a burst of snapshots for a key (one per
             # source partition per ingest flush) yields one decision per tick.
             self._dirty.add(key)
+            self._dirty_since.setdefault(key, time.perf_counter())
 
     async def _publish_dirty(self) -> None:
         if not self._dirty:
             return
         async with self._publish_lock:
-            keys, self._dirty = self._dirty, set()
-            for key in sorted(keys):
+            # A time budget per tick: keys left over stay dirty for the next tick (and
+            # coalesce more snapshots meanwhile), so decisions over many creatives can
+            # delay decisions, never the agent that keeps the counts.
+            deadline = time.perf_counter() + self.settings.decision_interval_ms / 1000
+            for key in sorted(self._dirty, key=self._dirty_since.get):
+                if time.perf_counter() > deadline:
+                    break
+                self._dirty.discard(key)
+                self._dirty_since.pop(key, None)
                 state = decode_state(self.posteriors.get(key))
                 await self.decisions.send(key=key, value=self.decision_bytes(key.decode(), state))
+                await asyncio.sleep(0)  # let the agent run between decisions
 
     async def _follow_registry(self) -> None:
         follower = RegistryFollower(self.settings, self.registry, on_change=self._on_creative)
