@@ -141,8 +141,7 @@ class LengthRule:
         description = len(variant.description)
         if description > self.max_description_chars:
             return (
-                f"description has {description} characters, "
-                f"more than {self.max_description_chars}"
+                f"description has {description} characters, more than {self.max_description_chars}"
             )
         return None
 
@@ -216,9 +215,7 @@ class TermsRule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_pattern", _term_pattern(self.terms))
         required = tuple(
-            (term, pattern)
-            for term in self.terms
-            if (pattern := _term_pattern([term])) is not None
+            (term, pattern) for term in self.terms if (pattern := _term_pattern([term])) is not None
         )
         object.__setattr__(self, "_required", required)
 
@@ -347,10 +344,7 @@ class LanguageRule:
         top, top_p = ranked[0]
         target_p = next((float(p) for lang, p in ranked if lang == self.language), 0.0)
         if top != self.language and float(top_p) >= self.min_margin * target_p:
-            return (
-                f"reads as {top} (p={float(top_p):.2f}), not {self.language} "
-                f"(p={target_p:.2f})"
-            )
+            return f"reads as {top} (p={float(top_p):.2f}), not {self.language} (p={target_p:.2f})"
         return None
 
     @property

@@ -317,9 +317,40 @@ class GenerationOutcome:
 
 
 @dataclass
-class _Answer:
+class Answer:
+    """One sampled answer, without the answer prefix the prompt ended with."""
+
     text: str
-    complete: bool  # ended by the model or the stop rule, not cut by max_new_tokens
+    complete: bool = True  # ended by the model or the stop rule, not by max_new_tokens
+
+
+@dataclass
+class Screened:
+    accepted: list[Variant]
+    rejections: list[Rejection]
+    parsed: int
+
+
+def screen_answers(
+    request: GenerationRequest,
+    answers: Sequence[Answer],
+    variant_filter: VariantFilter,
+    kept: Sequence[Variant] = (),
+    similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+) -> Screened:
+    """Raw answers → variants that pass every filter and are new (pure).
+
+    Filter first, then dedupe against the request's creatives, the prompt's examples and
+    ``kept`` (variants accepted earlier): a rejected variant must not block a later copy
+    that passes.
+    """
+    parsed = [v for a in answers for v in parse_variants(ANSWER_PREFIX + a.text, a.complete)]
+    filtered = variant_filter.apply(parsed)
+    existing: list[Variant | ExampleCreative] = [*request.winners, *_EXAMPLE_VARIANTS]
+    if request.underperformer is not None:
+        existing.append(request.underperformer)
+    unique, duplicates = dedupe(filtered.accepted, [*existing, *kept], similarity_threshold)
+    return Screened(unique, filtered.rejections + duplicates, len(parsed))
 
 
 class VariantGenerator:
@@ -409,33 +440,24 @@ class VariantGenerator:
         request: GenerationRequest,
         variant_filter: VariantFilter,
         outcome: GenerationOutcome,
-        answers: list[_Answer],
+        answers: list[Answer],
     ) -> None:
-        parsed = [v for a in answers for v in parse_variants(ANSWER_PREFIX + a.text, a.complete)]
-        outcome.sequences += len(answers)
-        outcome.parsed += len(parsed)
-        # Filter first, then dedupe against the request's creatives and what was kept:
-        # a rejected variant must not block a later copy that passes.
-        filtered = variant_filter.apply(parsed)
-        existing: list[Variant | ExampleCreative] = [*request.winners, *_EXAMPLE_VARIANTS]
-        if request.underperformer is not None:
-            existing.append(request.underperformer)
-        unique, duplicates = dedupe(
-            filtered.accepted,
-            [*existing, *outcome.variants],
-            self.sampling.similarity_threshold,
+        screened = screen_answers(
+            request, answers, variant_filter, outcome.variants, self.sampling.similarity_threshold
         )
-        outcome.variants.extend(unique)
-        outcome.rejections.extend(filtered.rejections + duplicates)
+        outcome.sequences += len(answers)
+        outcome.parsed += screened.parsed
+        outcome.variants.extend(screened.accepted)
+        outcome.rejections.extend(screened.rejections)
 
     # --- the model call -----------------------------------------------------------------
 
     def _sample(
         self, prompts: list[str], wanted: dict[int, int], round_index: int
-    ) -> dict[int, list[_Answer]]:
+    ) -> dict[int, list[Answer]]:
         """``wanted[i]`` answers to ``prompts[i]``, in batches of at most max_batch_sequences."""
         rows = [i for i, count in wanted.items() for _ in range(count)]
-        answers: dict[int, list[_Answer]] = {i: [] for i in wanted}
+        answers: dict[int, list[Answer]] = {i: [] for i in wanted}
         size = self.sampling.max_batch_sequences
         for batch_index, start in enumerate(range(0, len(rows), size)):
             batch_rows = rows[start : start + size]
@@ -449,7 +471,7 @@ class VariantGenerator:
                 answers[i].append(answer)
         return answers
 
-    def _sample_batch(self, prompts: list[str], rows: list[int], seed: int | None) -> list[_Answer]:
+    def _sample_batch(self, prompts: list[str], rows: list[int], seed: int | None) -> list[Answer]:
         loaded = self.loaded
         tokenizer, model = loaded.tokenizer, loaded.model
         distinct = list(dict.fromkeys(rows))
@@ -464,7 +486,7 @@ class VariantGenerator:
         input_ids = encoded["input_ids"][row_index]
         attention_mask = encoded["attention_mask"][row_index]
         prompt_length = input_ids.shape[1]
-        stop = _AnswerComplete(tokenizer, prompt_length, self.sampling.variants_per_sequence)
+        stop = AnswerComplete(tokenizer, prompt_length, self.sampling.variants_per_sequence)
         if seed is not None:
             torch.manual_seed(seed)
         generate_kwargs: dict[str, Any] = {
@@ -502,7 +524,7 @@ class VariantGenerator:
                 "seconds": round(seconds, 3),
             },
         )
-        return [_Answer(t, c) for t, c in zip(texts, complete, strict=True)]
+        return [Answer(t, c) for t, c in zip(texts, complete, strict=True)]
 
     def _prefill(self, input_ids: Any, attention_mask: Any, row_index: Any) -> Any:
         """KV cache of every distinct prompt but its last token, one copy per row."""
@@ -521,7 +543,7 @@ class VariantGenerator:
         return cache
 
 
-class _AnswerComplete(StoppingCriteria):
+class AnswerComplete(StoppingCriteria):
     """Stops a row once its answer holds the ads asked for, instead of letting a small
     model ramble on to max_new_tokens ("Note: ...", "Ad Type: ...").
 

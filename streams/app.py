@@ -210,7 +210,7 @@ class PosteriorWorker:
             # coalesce more snapshots meanwhile), so decisions over many creatives can
             # delay decisions, never the agent that keeps the counts.
             deadline = time.perf_counter() + self.settings.decision_interval_ms / 1000
-            for key in sorted(self._dirty, key=self._dirty_since.get):
+            for key in sorted(self._dirty, key=lambda k: self._dirty_since.get(k, 0.0)):
                 if time.perf_counter() > deadline:
                     break
                 self._dirty.discard(key)
