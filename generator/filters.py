@@ -16,6 +16,8 @@ Rules, cheapest first (``VariantFilter`` reports the first one a variant fails):
 
 Every match is on NFKC-normalised, case-folded text, so full-width or ligature
 spellings (``ｆｒｅｅ``, ``ﬁ``) do not slip past.
+
+``screen_answers`` is the whole output side: raw answers → parse → filter → dedupe.
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ from typing import Any, Protocol
 
 import regex
 
-from generator.parsing import Variant, rejection
-from schemas.records import Brief, Rejection
+from generator.parsing import (
+    DEFAULT_SIMILARITY_THRESHOLD,
+    Variant,
+    dedupe,
+    parse_variants,
+    rejection,
+)
+from generator.prompts import ANSWER_PREFIX, EXAMPLE_ADS
+from schemas.records import Brief, ExampleCreative, GenerationRequest, Rejection
 
 # A small default: profanity, sexual content, violence, drugs and the claims ad
 # platforms refuse. "word*" matches the word and its longer forms (fuck, fucking).
@@ -412,3 +421,46 @@ class VariantFilter:
             else:
                 rejections.append(failure)
         return FilterOutcome(accepted, rejections)
+
+
+# --- Screening: raw answers → accepted variants ---------------------------------------------
+
+# The prompt's worked examples: a copy of one is not a new ad.
+_EXAMPLE_VARIANTS = [Variant(headline, description) for headline, description in EXAMPLE_ADS]
+
+
+@dataclass
+class Answer:
+    """One sampled answer, without the answer prefix the prompt ended with."""
+
+    text: str
+    complete: bool = True  # ended by the model or the stop rule, not by max_new_tokens
+
+
+@dataclass
+class Screened:
+    accepted: list[Variant]
+    rejections: list[Rejection]
+    parsed: int
+
+
+def screen_answers(
+    request: GenerationRequest,
+    answers: Sequence[Answer],
+    variant_filter: VariantFilter,
+    kept: Sequence[Variant] = (),
+    similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+) -> Screened:
+    """Raw answers → variants that pass every filter and are new (pure).
+
+    Filter first, then dedupe against the request's creatives, the prompt's examples and
+    ``kept`` (variants accepted earlier): a rejected variant must not block a later copy
+    that passes.
+    """
+    parsed = [v for a in answers for v in parse_variants(ANSWER_PREFIX + a.text, a.complete)]
+    filtered = variant_filter.apply(parsed)
+    existing: list[Variant | ExampleCreative] = [*request.winners, *_EXAMPLE_VARIANTS]
+    if request.underperformer is not None:
+        existing.append(request.underperformer)
+    unique, duplicates = dedupe(filtered.accepted, [*existing, *kept], similarity_threshold)
+    return Screened(unique, filtered.rejections + duplicates, len(parsed))

@@ -42,16 +42,10 @@ from transformers import (
     StoppingCriteria,
 )
 
-from generator.filters import FilterConfig, VariantFilter
-from generator.parsing import DEFAULT_SIMILARITY_THRESHOLD, Variant, dedupe, parse_variants
-from generator.prompts import (
-    ANSWER_PREFIX,
-    EXAMPLE_ADS,
-    PROMPT_VERSION,
-    PromptLimits,
-    build_messages,
-)
-from schemas.records import ExampleCreative, GenerationRequest, Rejection
+from generator.filters import Answer, FilterConfig, VariantFilter, screen_answers
+from generator.parsing import DEFAULT_SIMILARITY_THRESHOLD, Variant
+from generator.prompts import ANSWER_PREFIX, PROMPT_VERSION, PromptLimits, build_messages
+from schemas.records import GenerationRequest, Rejection
 
 log = logging.getLogger("adloop.generator")
 
@@ -132,10 +126,6 @@ class LoadedModel:
 
 class ModelLoadError(RuntimeError):
     pass
-
-
-# The prompt's worked examples: a copy of one is not a new ad.
-_EXAMPLE_VARIANTS = [Variant(headline, description) for headline, description in EXAMPLE_ADS]
 
 
 # --- Loading ----------------------------------------------------------------------------
@@ -314,43 +304,6 @@ class GenerationOutcome:
         for r in self.rejections:
             counts[r.rule] = counts.get(r.rule, 0) + 1
         return counts
-
-
-@dataclass
-class Answer:
-    """One sampled answer, without the answer prefix the prompt ended with."""
-
-    text: str
-    complete: bool = True  # ended by the model or the stop rule, not by max_new_tokens
-
-
-@dataclass
-class Screened:
-    accepted: list[Variant]
-    rejections: list[Rejection]
-    parsed: int
-
-
-def screen_answers(
-    request: GenerationRequest,
-    answers: Sequence[Answer],
-    variant_filter: VariantFilter,
-    kept: Sequence[Variant] = (),
-    similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
-) -> Screened:
-    """Raw answers → variants that pass every filter and are new (pure).
-
-    Filter first, then dedupe against the request's creatives, the prompt's examples and
-    ``kept`` (variants accepted earlier): a rejected variant must not block a later copy
-    that passes.
-    """
-    parsed = [v for a in answers for v in parse_variants(ANSWER_PREFIX + a.text, a.complete)]
-    filtered = variant_filter.apply(parsed)
-    existing: list[Variant | ExampleCreative] = [*request.winners, *_EXAMPLE_VARIANTS]
-    if request.underperformer is not None:
-        existing.append(request.underperformer)
-    unique, duplicates = dedupe(filtered.accepted, [*existing, *kept], similarity_threshold)
-    return Screened(unique, filtered.rejections + duplicates, len(parsed))
 
 
 class VariantGenerator:
