@@ -144,6 +144,14 @@ class GeneratorWorker:
 
     # -- models (loaded lazily, in the worker thread) --------------------------------
     def _models(self) -> tuple[Any, Any]:
+        import os
+
+        import torch
+
+        cores = os.cpu_count() or 1
+        threads = self.settings.torch_threads or (1 if cores <= 4 else cores // 2)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if self._generator is None:
             from generator.llm import LlmConfig, SamplingConfig, VariantGenerator
 

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     generator_seed: int | None = None
     # Requests generated together in one batch (one poll), and the time a batch may take.
     generator_batch: int = Field(default=32, ge=1)
+    # torch CPU threads in the generator. On a small machine shared with the broker and
+    # the other roles, more threads than free cores make every decode step wait for a
+    # descheduled thread: measured here, 6 answers took 82 s on 2 threads, 5 s on 1.
+    # Unset: 1 with 4 cores or fewer, else half the cores.
+    torch_threads: int | None = Field(default=None, ge=1)
     generator_time_limit_s: float = Field(default=120.0, gt=0)
 
     # --- HTTP ------------------------------------------------------------------
