@@ -14,9 +14,9 @@ import click
 
 # Shown in --help; tests/test_ctr.py checks they are TrainConfig's defaults.
 HELP_DEFAULTS: dict[str, Any] = {
-    "epochs": 4,
+    "epochs": 8,
     "batch_size": 32,
-    "lr": 1e-4,
+    "lr": 2e-4,
     "val_fraction": 0.2,
     "seed": 0,
     "max_bad_fraction": 0.01,

@@ -498,10 +498,12 @@ def uncertainty_scale(
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 4
+    # 200k simulated impressions (~470 rows): 4 epochs at 1e-4 reached AUC 0.664,
+    # 8 at 2e-4 0.688 (best possible 0.706); early stopping guards against more.
+    epochs: int = 8
     max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4  # backbone
+    lr: float = 2e-4  # backbone
     head_lr: float = 1e-2  # the new one-logit head
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
