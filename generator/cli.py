@@ -96,6 +96,7 @@ def _load_scorer(ctr_model: str | None) -> Any:
 @click.option("--temperature", type=float, default=0.9, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads while generating")
 @click.option("--model", "model_id", help="Hugging Face causal LM id (default: SmolLM2 GGUF)")
 @click.option("--ctr-model", help="CTR model version or models dir (default: settings)")
 @click.option("--no-score", is_flag=True, help="skip CTR scoring")
@@ -119,6 +120,7 @@ def generate(
     temperature: float,
     top_p: float,
     max_new_tokens: int,
+    threads: int | None,
     model_id: str | None,
     ctr_model: str | None,
     no_score: bool,
@@ -159,7 +161,9 @@ def generate(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    llm = LlmConfig(model_id=model_id) if model_id else LlmConfig()
+    llm = LlmConfig(cpu_threads=threads)
+    if model_id:
+        llm = LlmConfig(model_id=model_id, cpu_threads=threads)
     generator = VariantGenerator(llm=llm, sampling=sampling)
     try:
         [outcome] = generator.generate([request])

@@ -20,6 +20,7 @@ pure stages (``prompts`` → model → ``parsing`` → dedupe → ``filters``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -29,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,11 @@ class LlmConfig:
     device: str | None = None
     # Dequantized GGUF weights are kept here (about 0.5 GB for SmolLM2-135M); None: off.
     conversion_cache: Path | None = field(default_factory=default_conversion_cache)
+    # torch CPU threads while generating (restored after); None: torch's setting. On a
+    # small shared machine 1 can be much faster than 2: with other processes busy,
+    # OpenMP threads wait on each other (measured 10.6 s with 1 vs 119 s with 2 threads
+    # for the same 3 answers on 2 busy cores).
+    cpu_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -439,7 +445,7 @@ class VariantGenerator:
         input_ids = encoded["input_ids"][row_index]
         attention_mask = encoded["attention_mask"][row_index]
         prompt_length = input_ids.shape[1]
-        stop = AnswerComplete(tokenizer, prompt_length, self.sampling.variants_per_sequence)
+        stop = _AnswerComplete(tokenizer, prompt_length, self.sampling.variants_per_sequence)
         if seed is not None:
             torch.manual_seed(seed)
         generate_kwargs: dict[str, Any] = {
@@ -452,7 +458,7 @@ class VariantGenerator:
             "stopping_criteria": [stop],
         }
         started = time.perf_counter()
-        with torch.inference_mode():
+        with _cpu_threads(self.llm_config.cpu_threads, loaded.device), torch.inference_mode():
             if self.sampling.prefix_cache and len(distinct) < len(rows):
                 generate_kwargs["past_key_values"] = self._prefill(
                     encoded["input_ids"], encoded["attention_mask"], row_index
@@ -496,7 +502,20 @@ class VariantGenerator:
         return cache
 
 
-class AnswerComplete(StoppingCriteria):
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None, device: str) -> Iterator[None]:
+    if threads is None or not device.startswith("cpu"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _AnswerComplete(StoppingCriteria):
     """Stops a row once its answer holds the ads asked for, instead of letting a small
     model ramble on to max_new_tokens ("Note: ...", "Ad Type: ...").
 
