@@ -112,10 +112,26 @@ class HttpSelector:
     def __init__(self, host: str, port: int) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=10)
 
+    def _exchange(
+        self, method: str, path: str, body: str | bytes | None = None
+    ) -> http.client.HTTPResponse:
+        """One request on the kept-alive connection; reconnects once if the server closed
+        it while idle (aiohttp drops idle keep-alive connections after 75 s)."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        for attempt in (1, 2):
+            try:
+                self.conn.request(method, path, body, headers)
+                return self.conn.getresponse()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(self.conn.host, self.conn.port, timeout=10)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def __call__(self, campaign: str, audience: str, placement: str) -> dict:
         body = json.dumps({"campaign": campaign, "audience": audience, "placement": placement})
-        self.conn.request("POST", "/v1/select", body, {"Content-Type": "application/json"})
-        response = self.conn.getresponse()
+        response = self._exchange("POST", "/v1/select", body)
         payload = response.read()
         if response.status != 200:
             raise RuntimeError(f"select failed ({response.status}): {payload.decode()}")
@@ -124,20 +140,13 @@ class HttpSelector:
     def register(self, creative: Creative) -> None:
         import msgspec
 
-        self.conn.request(
-            "POST",
-            "/v1/creatives",
-            msgspec.json.encode(creative),
-            {"Content-Type": "application/json"},
-        )
-        response = self.conn.getresponse()
+        response = self._exchange("POST", "/v1/creatives", msgspec.json.encode(creative))
         payload = response.read()
         if response.status != 201:
             raise RuntimeError(f"registering {creative.creative_id} failed: {payload.decode()}")
 
     def get(self, path: str) -> tuple[int, dict]:
-        self.conn.request("GET", path)
-        response = self.conn.getresponse()
+        response = self._exchange("GET", path)
         return response.status, json.loads(response.read())
 
 
