@@ -112,7 +112,7 @@ class HttpSelector:
     def __init__(self, host: str, port: int) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=10)
 
-    def _exchange(
+    def send(
         self, method: str, path: str, body: str | bytes | None = None
     ) -> http.client.HTTPResponse:
         """One request on the kept-alive connection; reconnects once if the server closed
@@ -131,7 +131,7 @@ class HttpSelector:
 
     def __call__(self, campaign: str, audience: str, placement: str) -> dict:
         body = json.dumps({"campaign": campaign, "audience": audience, "placement": placement})
-        response = self._exchange("POST", "/v1/select", body)
+        response = self.send("POST", "/v1/select", body)
         payload = response.read()
         if response.status != 200:
             raise RuntimeError(f"select failed ({response.status}): {payload.decode()}")
@@ -140,13 +140,13 @@ class HttpSelector:
     def register(self, creative: Creative) -> None:
         import msgspec
 
-        response = self._exchange("POST", "/v1/creatives", msgspec.json.encode(creative))
+        response = self.send("POST", "/v1/creatives", msgspec.json.encode(creative))
         payload = response.read()
         if response.status != 201:
             raise RuntimeError(f"registering {creative.creative_id} failed: {payload.decode()}")
 
     def get(self, path: str) -> tuple[int, dict]:
-        response = self._exchange("GET", path)
+        response = self.send("GET", path)
         return response.status, json.loads(response.read())
 
 

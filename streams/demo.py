@@ -231,7 +231,7 @@ def _opt_in(api: HttpSelector, campaign: str) -> None:
         "generation_budget": 12,
         "audience_descriptions": DESCRIPTIONS,
     }
-    response = api._exchange("PUT", f"/v1/campaigns/{campaign}/settings", json.dumps(body))
+    response = api.send("PUT", f"/v1/campaigns/{campaign}/settings", json.dumps(body))
     payload = response.read()
     if response.status != 200:
         raise RuntimeError(f"campaign settings refused: {payload.decode()}")
