@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import regex
+from rapidfuzz import fuzz
 
 from generator.parsing import (
     DEFAULT_SIMILARITY_THRESHOLD,
     Variant,
     dedupe,
+    normalize,
     parse_variants,
     rejection,
 )
@@ -459,8 +461,39 @@ def screen_answers(
     """
     parsed = [v for a in answers for v in parse_variants(ANSWER_PREFIX + a.text, a.complete)]
     filtered = variant_filter.apply(parsed)
+    fresh, copies = drop_example_copies(filtered.accepted)
     existing: list[Variant | ExampleCreative] = [*request.winners, *_EXAMPLE_VARIANTS]
     if request.underperformer is not None:
         existing.append(request.underperformer)
-    unique, duplicates = dedupe(filtered.accepted, [*existing, *kept], similarity_threshold)
-    return Screened(unique, filtered.rejections + duplicates, len(parsed))
+    unique, duplicates = dedupe(fresh, [*existing, *kept], similarity_threshold)
+    return Screened(unique, filtered.rejections + copies + duplicates, len(parsed))
+
+
+def drop_example_copies(
+    variants: Iterable[Variant], threshold: float = DEFAULT_SIMILARITY_THRESHOLD
+) -> tuple[list[Variant], list[Rejection]]:
+    """Drop variants whose headline contains (or nearly) a worked example's headline.
+
+    Whole-ad dedupe misses "Light That Works" (a fragment of the example "Light That
+    Works Late", similarity 86); the examples are about unrelated products, so any
+    headline built on one is a copy, not an ad for this brief.
+    """
+    examples = [(normalize(h), h) for h, _ in EXAMPLE_ADS]
+    kept: list[Variant] = []
+    rejections: list[Rejection] = []
+    for variant in variants:
+        headline = normalize(variant.headline)
+        copied = next(
+            (
+                original
+                for example, original in examples
+                if len(headline.split()) >= 3 and fuzz.partial_ratio(headline, example) >= threshold
+            ),
+            None,
+        )
+        if copied is None:
+            kept.append(variant)
+        else:
+            reason = f"copies the prompt's worked example {copied!r}"
+            rejections.append(rejection(variant, "duplicate", reason))
+    return kept, rejections

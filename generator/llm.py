@@ -301,6 +301,8 @@ class GenerationOutcome:
     sequences: int = 0
     parsed: int = 0
     rounds: int = 0
+    # Variants that passed everything but were not needed (beyond n_variants).
+    surplus: int = 0
     seconds: float = 0.0
     filters_passed: list[str] = field(default_factory=list)
 
@@ -373,6 +375,7 @@ class VariantGenerator:
                 outcomes[i].rounds = round_index + 1
         elapsed = time.perf_counter() - started
         for request, outcome in zip(requests, outcomes, strict=True):
+            outcome.surplus = max(0, len(outcome.variants) - request.n_variants)
             outcome.variants = outcome.variants[: request.n_variants]
             outcome.seconds = elapsed
             log.info(
@@ -383,6 +386,7 @@ class VariantGenerator:
                     "wanted": request.n_variants,
                     "sequences": outcome.sequences,
                     "parsed": outcome.parsed,
+                    "surplus": outcome.surplus,
                     "rounds": outcome.rounds,
                     "rejected": outcome.rejections_by_rule,
                     "seconds": round(elapsed, 2),
@@ -471,7 +475,9 @@ class VariantGenerator:
         for token_id in loaded.stop_token_ids:
             ended |= (new_tokens == token_id).any(dim=1)
         complete = (ended | stop.done.to(ended.device)).tolist()
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(
+            new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         seconds = time.perf_counter() - started
         log.debug(
             "batch sampled",
@@ -535,7 +541,9 @@ class _AnswerComplete(StoppingCriteria):
             self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         new_tokens = input_ids[:, self.prompt_length :]
         for row in torch.nonzero(~self.done).flatten().tolist():
-            text = self.tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+            text = self.tokenizer.decode(
+                new_tokens[row], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
             if self._complete(text):
                 self.done[row] = True
         return self.done.to(input_ids.device)

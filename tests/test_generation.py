@@ -269,6 +269,16 @@ def test_dedupe_drops_exact_and_near_duplicates_and_copies_of_existing_creatives
     assert rejected[2].reason.startswith("near-duplicate")
 
 
+def test_copies_of_the_prompts_worked_examples_are_dropped() -> None:
+    from generator.filters import drop_example_copies
+
+    variants = [Variant("Light That Works"), Variant("Light shoes"), Variant("Works late")]
+    kept, rejected = drop_example_copies(variants)
+    assert kept == variants[1:]
+    assert [r.rule for r in rejected] == ["duplicate"]
+    assert "worked example 'Light That Works Late'" in rejected[0].reason
+
+
 def test_dedupe_threshold_is_configurable() -> None:
     variants = [Variant("Fresh kicks for students"), Variant("Fresh kick for students")]
     assert len(dedupe(variants, threshold=99.5)[0]) == 2
@@ -481,8 +491,8 @@ def test_real_smollm2_gguf_generates_screened_variants(monkeypatch: pytest.Monke
     assert outcome.sequences == 3 and outcome.rounds == 1
     assert outcome.parsed >= 1, "the model wrote at least one parseable ad"
     assert len(outcome.variants) <= 2
-    # Accepted beyond n are dropped, so at most: every parsed variant is accounted for.
-    assert len(outcome.variants) + len(outcome.rejections) <= outcome.parsed
+    # Every parsed variant is accounted for.
+    assert len(outcome.variants) + outcome.surplus + len(outcome.rejections) == outcome.parsed
     variant_filter = VariantFilter(request.brief)
     for variant in outcome.variants:
         assert variant_filter.first_failure(variant) is None
