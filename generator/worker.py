@@ -156,7 +156,7 @@ class GeneratorWorker:
             from generator.llm import LlmConfig, SamplingConfig, VariantGenerator
 
             self._generator = VariantGenerator(
-                LlmConfig(model_id=self.settings.llm_model),
+                LlmConfig(model_id=self.settings.llm_model, cpu_threads=threads),
                 SamplingConfig(seed=self.settings.generator_seed),
             )
             self._generator.loaded  # noqa: B018 - load now, to fail early and clearly
