@@ -53,6 +53,7 @@ def stack(settings: Settings) -> Iterator[Stack]:
         s.stop()
 
 
+@pytest.mark.timeout(600)
 def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack) -> None:
     stack.register(
         Creative(creative_id="c1", campaign="shoes", headline="Fast shoes, 30% off"),
