@@ -155,8 +155,8 @@ def run_once(
         "min_evidence": 1500,
         "loop_tick_s": 1.0,
         "generator_seed": seed,
-        "ctr_retrain_interval_s": 90.0,
-        "ctr_retrain_max_steps": 150,
+        "ctr_retrain_interval_s": 240.0,
+        "ctr_retrain_max_steps": 60,
     }
     with deployment(None, **overrides) as settings, Supervisor(settings, roles=roles) as sup:
         sup.wait_http_ready()
