@@ -6,6 +6,7 @@ Imports of torch and transformers happen inside the command, so registering it o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -96,7 +97,7 @@ def _load_scorer(ctr_model: str | None) -> Any:
 @click.option("--temperature", type=float, default=0.9, show_default=True)
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads while generating")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default 1)")
 @click.option("--model", "model_id", help="Hugging Face causal LM id (default: SmolLM2 GGUF)")
 @click.option("--ctr-model", help="CTR model version or models dir (default: settings)")
 @click.option("--no-score", is_flag=True, help="skip CTR scoring")
@@ -161,9 +162,11 @@ def generate(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    llm = LlmConfig(cpu_threads=threads)
+    llm = LlmConfig()
     if model_id:
-        llm = LlmConfig(model_id=model_id, cpu_threads=threads)
+        llm = dataclasses.replace(llm, model_id=model_id)
+    if threads:
+        llm = dataclasses.replace(llm, cpu_threads=threads)
     generator = VariantGenerator(llm=llm, sampling=sampling)
     try:
         [outcome] = generator.generate([request])

@@ -5,17 +5,19 @@ pure stages (``prompts`` → model → ``parsing`` → dedupe → ``filters``).
   offline. Any Hugging Face causal LM id (or local directory) can be configured; only
   then is the hub tried.
 * Loading the GGUF dequantizes it and parses its 49k-token vocabulary several times
-  (tens of seconds on two cores). The loaded model is cached per process, and the
+  (44 s measured on two cores). The loaded model is cached per process, and the
   dequantized weights are cached on disk (``conversion_cache``) so the next process
   loads them in about a second.
 * bf16 on CUDA, fp32 on CPU. Prompts of several requests are batched with left
-  padding. Each distinct prompt is prefilled once and its KV cache copied to all the
-  answers sampled from it: on CPU the prompt costs more than the answer.
-* One ad per sampled answer. On CPU a decode step costs about the same for 1 or 32 rows
-  (streaming the weights dominates), so parallel answers are nearly free while every
-  extra token is not; and a 135M model asked for a list keeps the format far less
-  often (measured: 0-1 usable ads from 100-token lists vs about half of 40-token
-  single answers).
+  padding. Each distinct prompt (about 400 tokens with its worked examples) is
+  prefilled once and its KV cache copied to every answer sampled from it, instead of
+  once per answer.
+* One ad per sampled answer: answers run in parallel rows, while a list of ads in one
+  answer runs serially and a 135M model keeps its format far less often (measured on
+  one request, 1 thread: 5 usable ads in 28 s vs 1 in 29 s for four ads per answer).
+* On CPU a decode step for 16 rows costs about three times one row (0.52 s vs 0.17 s
+  with a 400-token cache, 1 thread), beyond that it grows linearly: CPU batches hold
+  16 answers, GPU batches 256.
 """
 
 from __future__ import annotations
@@ -82,11 +84,11 @@ class LlmConfig:
     device: str | None = None
     # Dequantized GGUF weights are kept here (about 0.5 GB for SmolLM2-135M); None: off.
     conversion_cache: Path | None = field(default_factory=default_conversion_cache)
-    # torch CPU threads while generating (restored after); None: torch's setting. On a
-    # small shared machine 1 can be much faster than 2: with other processes busy,
-    # OpenMP threads wait on each other (measured 10.6 s with 1 vs 119 s with 2 threads
-    # for the same 3 answers on 2 busy cores).
-    cpu_threads: int | None = None
+    # torch CPU threads while generating (restored after); None: torch's setting. The
+    # default is 1: with other processes busy on a small machine, OpenMP threads wait on
+    # each other (measured on 2 shared cores: 8 variants in 28 s with 1 thread, 216 s
+    # with 2). Raise it on a machine of your own.
+    cpu_threads: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,8 @@ class SamplingConfig:
     # model's answers survive parsing, dedupe and filters.
     oversample: float = 2.0
     variants_per_sequence: int = 1
-    # Most answers in one generate() call (rows of the batch).
-    max_batch_sequences: int = 64
+    # Most answers in one generate() call (rows of the batch); None: 16 on CPU, 256 on GPU.
+    max_batch_sequences: int | None = None
     # Rounds per request: a request still short of variants is asked again (for the
     # missing number, oversampled), at most this many times in all.
     max_rounds: int = 3
@@ -421,7 +423,9 @@ class VariantGenerator:
         """``wanted[i]`` answers to ``prompts[i]``, in batches of at most max_batch_sequences."""
         rows = [i for i, count in wanted.items() for _ in range(count)]
         answers: dict[int, list[Answer]] = {i: [] for i in wanted}
-        size = self.sampling.max_batch_sequences
+        size = self.sampling.max_batch_sequences or (
+            16 if self.loaded.device.startswith("cpu") else 256
+        )
         for batch_index, start in enumerate(range(0, len(rows), size)):
             batch_rows = rows[start : start + size]
             seed = self.sampling.seed
