@@ -371,15 +371,6 @@ class GeneratorWorker:
 
 
 def run_generator(settings: Settings) -> None:
-    from streams.broker import install_shutdown_signals
+    from streams.broker import run_until_signal
 
-    async def main() -> None:
-        worker = GeneratorWorker(settings)
-        task = asyncio.ensure_future(worker.run())
-        install_shutdown_signals(lambda: task.cancel())
-        try:
-            await task
-        except asyncio.CancelledError:
-            log.info("generator stopped")
-
-    asyncio.run(main())
+    run_until_signal(GeneratorWorker(settings).run, log)

@@ -21,6 +21,7 @@ partitions) on any metadata request that allows it, so run
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -467,3 +468,17 @@ def install_shutdown_signals(
             loop.add_signal_handler(sig, handle, sig)
         else:
             signal.signal(sig, handle)
+
+
+def run_until_signal(main: Callable[[], Awaitable[object]], logger: logging.Logger) -> None:
+    """Run ``main()`` until it returns or SIGTERM / SIGINT cancels it (then log "stopped")."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(main())
+        install_shutdown_signals(task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            logger.info("stopped")
+
+    asyncio.run(runner())

@@ -53,7 +53,10 @@ class RecordFollower(TopicFollower):
         record_type: type[msgspec.Struct],
         on_record: Callable[[Any], None],
     ) -> None:
-        super().__init__(settings, role, max(settings.fetch_wait_ms, 50))
+        # These topics change rarely and nobody waits on them within milliseconds: poll
+        # gently (the embedded broker answers a fetch only when its wait expires, so
+        # short waits cost CPU on both sides).
+        super().__init__(settings, role, max(settings.fetch_wait_ms, 250))
         self._decoder = msgspec.json.Decoder(record_type)
         self._on_record = on_record
 
@@ -318,15 +321,6 @@ class LoopController:
 
 
 def run_loop(settings: Settings) -> None:
-    from streams.broker import install_shutdown_signals
+    from streams.broker import run_until_signal
 
-    async def main() -> None:
-        controller = LoopController(settings)
-        task = asyncio.ensure_future(controller.run())
-        install_shutdown_signals(lambda: task.cancel())
-        try:
-            await task
-        except asyncio.CancelledError:
-            log.info("loop stopped")
-
-    asyncio.run(main())
+    run_until_signal(LoopController(settings).run, log)

@@ -186,7 +186,7 @@ def run_demo(
                     exchange.step(time.time())
                     if now >= next_view:
                         sup.check()
-                        next_view = now + 0.5
+                        next_view = now + (0.5 if live else 5.0)
                         if live:
                             live.update(_view(api, scenario, exchange, started))
                         elif i:

@@ -291,15 +291,9 @@ class ServingApi:
             body = self._batch_decoder.decode(await request.read())
         except msgspec.MsgspecError as exc:
             return _error(400, "invalid_request", f"select body: {exc}")
-        if not self.registry.has_campaign(body.campaign):
-            return _error(404, "unknown_campaign", f"campaign {body.campaign!r} is not known")
-        chosen = self.selection(body.campaign, body.audience, body.placement)
-        if chosen is None:
-            return _error(
-                404,
-                "no_servable_creative",
-                f"campaign {body.campaign!r} has no active creative for audience {body.audience!r}",
-            )
+        chosen = self._choose(body)
+        if isinstance(chosen, web.Response):
+            return chosen
         indices = np.minimum(
             np.searchsorted(chosen.cumulative, self.rng.random(body.n), side="right"),
             len(chosen.creatives) - 1,
@@ -324,11 +318,8 @@ class ServingApi:
             )
         )
 
-    async def select(self, request: web.Request) -> web.Response:
-        try:
-            body = self._select_decoder.decode(await request.read())
-        except msgspec.MsgspecError as exc:
-            return _error(400, "invalid_request", f"select body: {exc}")
+    def _choose(self, body: SelectRequest) -> _Selection | web.Response:
+        """The selection for a request, or the error response saying why there is none."""
         if not self.registry.has_campaign(body.campaign):
             return _error(
                 404,
@@ -343,6 +334,16 @@ class ServingApi:
                 "no_servable_creative",
                 f"campaign {body.campaign!r} has no active creative for audience {body.audience!r}",
             )
+        return chosen
+
+    async def select(self, request: web.Request) -> web.Response:
+        try:
+            body = self._select_decoder.decode(await request.read())
+        except msgspec.MsgspecError as exc:
+            return _error(400, "invalid_request", f"select body: {exc}")
+        chosen = self._choose(body)
+        if isinstance(chosen, web.Response):
+            return chosen
         index = int(np.searchsorted(chosen.cumulative, self.rng.random(), side="right"))
         index = min(index, len(chosen.creatives) - 1)
         creative = chosen.creatives[index]

@@ -205,9 +205,10 @@ class Steering:
             )
         )
 
-    async def _change_status(
-        self, request: web.Request, action: str, allowed_from: set[str], to: str
-    ) -> web.Response:
+    async def _action_on_creative(
+        self, request: web.Request
+    ) -> tuple[Action, Creative] | web.Response:
+        """The action's body and its creative, or the error response saying what is wrong."""
         creative_id = request.match_info["creative_id"]
         try:
             body = self._action.decode(await request.read())
@@ -216,6 +217,16 @@ class Steering:
         creative = self.api.registry.get(creative_id)
         if creative is None:
             return _error(404, "unknown_creative", f"creative {creative_id!r} is not known")
+        return body, creative
+
+    async def _change_status(
+        self, request: web.Request, action: str, allowed_from: set[str], to: str
+    ) -> web.Response:
+        found = await self._action_on_creative(request)
+        if isinstance(found, web.Response):
+            return found
+        body, creative = found
+        creative_id = creative.creative_id
         if creative.status not in allowed_from:
             return _error(
                 409,
@@ -249,14 +260,11 @@ class Steering:
         return await self._change_status(request, "rejected", {"pending_review"}, "rejected")
 
     async def _pin(self, request: web.Request, pinned: bool) -> web.Response:
-        creative_id = request.match_info["creative_id"]
-        try:
-            body = self._action.decode(await request.read())
-        except msgspec.MsgspecError as exc:
-            return _error(400, "invalid_request", f'body must be {{"actor", "reason"}}: {exc}')
-        creative = self.api.registry.get(creative_id)
-        if creative is None:
-            return _error(404, "unknown_creative", f"creative {creative_id!r} is not known")
+        found = await self._action_on_creative(request)
+        if isinstance(found, web.Response):
+            return found
+        body, creative = found
+        creative_id = creative.creative_id
         current = self.settings_for(creative.campaign)
         pins = set(current.pinned)
         pins = pins | {creative_id} if pinned else pins - {creative_id}
