@@ -503,3 +503,60 @@ def test_real_smollm2_gguf_generates_screened_variants(monkeypatch: pytest.Monke
     [again] = generator.generate([request])
     assert (again.variants, again.rejections) == (outcome.variants, outcome.rejections)
     load_model.cache_clear()
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_request_and_json_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``adloop generate`` builds a valid request and prints what the generator returned
+    (the model is replaced by a stub; the real one runs in the test above)."""
+    from click.testing import CliRunner
+
+    import generator.llm
+    from generator.cli import audience_id, build_request, generate
+    from generator.llm import GenerationOutcome
+    from schemas.records import Rejection
+
+    assert audience_id("Busy parents of toddlers!") == "busy-parents-of-toddlers"
+    request = build_request(
+        brief="dinner ready in 15 minutes",
+        audience="Busy parents",
+        product="MealKit",
+        key_message=None,
+        n=3,
+        language="en",
+        forbidden_terms=("cheap",),
+        winners=("Dinner, done",),
+    )
+    assert (request.brief.product, request.brief.key_message) == (
+        "MealKit",
+        "dinner ready in 15 minutes",
+    )
+    assert request.audience == "busy-parents" and request.winners[0].headline == "Dinner, done"
+
+    seen: list[GenerationRequest] = []
+
+    class StubGenerator:
+        model_version = "stub-llm"
+        prompt_version = PROMPT_VERSION
+
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutcome]:
+            seen.extend(requests)
+            rejected = Rejection(headline="Cheap meals", rule="forbidden_terms", reason="r")
+            return [GenerationOutcome("r", [Variant("Dinner in 15", "Fresh kits.")], [rejected])]
+
+    monkeypatch.setattr(generator.llm, "VariantGenerator", StubGenerator)
+    args = ["--brief", "MealKit", "--audience", "parents", "--n", "1", "--json", "--no-score"]
+    result = CliRunner().invoke(generate, args)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert printed["variants"] == [{"headline": "Dinner in 15", "description": "Fresh kits."}]
+    assert printed["rejected_by_rule"] == {"forbidden_terms": 1}
+    assert printed["llm_model"] == "stub-llm" and seen[0].n_variants == 1
+
+    invalid = CliRunner().invoke(generate, ["--brief", "x", "--audience", "a", "--language", "EN"])
+    assert invalid.exit_code == 2 and "invalid request" in invalid.output
