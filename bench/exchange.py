@@ -122,7 +122,12 @@ class HttpSelector:
             try:
                 self.conn.request(method, path, body, headers)
                 return self.conn.getresponse()
-            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            except (
+                BrokenPipeError,
+                ConnectionResetError,
+                http.client.RemoteDisconnected,
+                http.client.ImproperConnectionState,  # a request interrupted half-way
+            ):
                 self.conn.close()
                 self.conn = http.client.HTTPConnection(self.conn.host, self.conn.port, timeout=10)
                 if attempt == 2:
