@@ -40,7 +40,7 @@ from generator.parsing import (
     parse_variants,
     rejection,
 )
-from generator.prompts import ANSWER_PREFIX, EXAMPLE_ADS
+from generator.prompts import ANSWER_PREFIX, EXAMPLE_ADS, LANGUAGE_NAMES
 from schemas.records import Brief, ExampleCreative, GenerationRequest, Rejection
 
 # A small default: profanity, sexual content, violence, drugs and the claims ad
@@ -360,8 +360,6 @@ class LanguageRule:
 
     @property
     def _name(self) -> str:
-        from generator.prompts import LANGUAGE_NAMES
-
         return LANGUAGE_NAMES.get(self.language, self.language)
 
 
