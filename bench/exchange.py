@@ -142,6 +142,23 @@ class HttpSelector:
             raise RuntimeError(f"select failed ({response.status}): {payload.decode()}")
         return json.loads(payload)
 
+    def select_batch(self, campaign: str, audience: str, placement: str, n: int) -> dict:
+        body = json.dumps(
+            {"campaign": campaign, "audience": audience, "placement": placement, "n": n}
+        )
+        response = self.send("POST", "/v1/select/batch", body)
+        payload = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"select failed ({response.status}): {payload.decode()}")
+        return json.loads(payload)
+
+    def texts(self, campaign: str) -> dict[str, tuple[str, str]]:
+        """Headline and description of every creative of a campaign."""
+        status, body = self.get(f"/v1/campaigns/{campaign}/creatives")
+        if status != 200:
+            return {}
+        return {c["creative_id"]: (c["headline"], c["description"]) for c in body["creatives"]}
+
     def register(self, creative: Creative) -> None:
         import msgspec
 
@@ -179,6 +196,7 @@ class SimulatedExchange:
         self.tally = ExchangeTally()
         self._pending_clicks: list[tuple[float, str, bytes]] = []
         self._placements = ["feed", "sidebar"]
+        self._texts: dict[str, tuple[str, str]] = {}
 
     def step(self, now: float) -> None:
         """One impression (and the clicks that are due)."""
@@ -188,6 +206,33 @@ class SimulatedExchange:
         t0 = time.perf_counter()
         choice = self.select(sc.campaign, audience, placement)
         self.tally.select_ms.append((time.perf_counter() - t0) * 1000)
+        self.show(choice, audience, placement, now)
+
+    def step_batch(self, now: float, n: int, selector: HttpSelector) -> None:
+        """``n`` impressions of one audience and placement from one bulk select."""
+        sc = self.scenario
+        audience = sc.audiences[int(self.rng.integers(len(sc.audiences)))]
+        placement = self._placements[int(self.rng.integers(len(self._placements)))]
+        t0 = time.perf_counter()
+        answer = selector.select_batch(sc.campaign, audience, placement, n)
+        self.tally.select_ms.append((time.perf_counter() - t0) * 1000)
+        for impression_id, creative_id, propensity in answer["choices"]:
+            if creative_id not in self._texts:
+                self._texts.update(selector.texts(sc.campaign))
+            headline, description = self._texts.get(creative_id, ("", ""))
+            choice = {
+                "impression_id": impression_id,
+                "creative_id": creative_id,
+                "propensity": propensity,
+                "policy": answer["policy"],
+                "headline": headline,
+                "description": description,
+            }
+            self.show(choice, audience, placement, now)
+
+    def show(self, choice: dict, audience: str, placement: str, now: float) -> None:
+        """Publish the impression of a choice adloop made, and maybe its (delayed) click."""
+        sc = self.scenario
         sc.observe(choice["creative_id"], choice["headline"], choice.get("description", ""))
         impression = Impression(
             impression_id=choice["impression_id"],

@@ -125,7 +125,7 @@ class LoopController:
         self.request_ids: set[str] = set()
         self.results: dict[str, GenerationResult] = {}
         self.reported: set[str] = set()
-        self.decisions = DecisionFollower(settings)
+        self.decisions = DecisionFollower(settings, max(settings.fetch_wait_ms, 250))
         self.followers: list[TopicFollower] = [
             RegistryFollower(settings, self.registry),
             self.decisions,

@@ -178,12 +178,15 @@ def run_demo(
             if live:
                 live.start()
             try:
-                for i in range(events):
+                # Bulk selects of `batch` impressions keep the exchange's own cost off
+                # the two cores the demo shares with adloop (one HTTP call per ~20 ms).
+                batch = max(1, min(50, int(rate / 50)))
+                for i in range(0, events, batch):
                     target = started + i / rate
                     now = time.monotonic()
                     if target > now:
                         time.sleep(target - now)
-                    exchange.step(time.time())
+                    exchange.step_batch(time.time(), min(batch, events - i), api)
                     if now >= next_view:
                         sup.check()
                         next_view = now + (0.5 if live else 5.0)
@@ -335,7 +338,7 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
         f"{s.bad_events_sent:,} / {s.dead_lettered:,}",
     )
     table.add_row(
-        "select latency p50 / p99 (client side)",
+        "bulk select latency p50 / p99 (client side, one call per batch)",
         f"{s.select_p50_ms:.2f} ms / {s.select_p99_ms:.2f} ms",
     )
     console.print(table)

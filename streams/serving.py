@@ -136,8 +136,8 @@ class _Selection:
 class DecisionFollower(TopicFollower):
     """Keeps the latest Decision per campaign x audience from the compacted topic."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings, "decisions", settings.fetch_wait_ms)
+    def __init__(self, settings: Settings, fetch_max_wait_ms: int | None = None) -> None:
+        super().__init__(settings, "decisions", fetch_max_wait_ms or settings.fetch_wait_ms)
         self.decisions: dict[str, Decision] = {}
         self._decoder = msgspec.json.Decoder(Decision)
 
