@@ -50,10 +50,11 @@ AUDIENCES: dict[str, dict[str, float]] = {
     "parents": {"trust": 0.50, "quality": 0.30, "price": 0.25},
 }
 SHARES = {"students": 0.4, "runners": 0.35, "parents": 0.25}
+# What a busy advertiser writes on day one: generic, and one headline too long to read.
 POOL = (
     ("h1", "Shop our shoes today"),
     ("h2", "Shoes for every day"),
-    ("h3", "Visit our shoe store"),
+    ("h3", "Visit our shoe store and browse the whole catalogue"),
 )
 BRIEF = Brief(
     product="running shoes",

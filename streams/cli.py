@@ -203,7 +203,7 @@ def up(loop: bool, **flags: Any) -> None:
 @click.option(
     "--events",
     type=int,
-    default=60_000,
+    default=120_000,
     show_default=True,
     help="impressions the simulated exchange sends before the summary",
 )
