@@ -71,7 +71,7 @@ _WORD = re.compile(r"[a-z%]+")
 
 @dataclass
 class TextWorld:
-    base_ctr: float = 0.012
+    base_ctr: float = 0.02
     fatigue_tau: float = 40_000.0
     fatigue_floor: float = 0.6
     seed: int = 7
@@ -86,7 +86,8 @@ class TextWorld:
         hits = self.themes(f"{headline} {description}")
         score = sum(AUDIENCES[audience].get(t, 0.0) * min(n, 2) for t, n in hits.items())
         length = len(headline)
-        shape = 1.0 if 14 <= length <= 30 else 0.75
+        # A headline over 30 characters is cut off in most placements.
+        shape = 1.0 if 14 <= length <= 30 else (0.5 if length > 30 else 0.8)
         quirk = int(hashlib.sha1(f"{self.seed}|{headline}".encode()).hexdigest()[:8], 16)
         noise = math.exp(0.15 * (quirk / 0xFFFFFFFF * 2 - 1))
         return min(0.25, self.base_ctr * math.exp(score) * shape * noise)
