@@ -203,9 +203,10 @@ def up(loop: bool, **flags: Any) -> None:
 @click.option(
     "--events",
     type=int,
-    default=120_000,
+    default=180_000,
     show_default=True,
-    help="impressions the simulated exchange sends before the summary",
+    help="impressions the simulated exchange sends before the summary (3 minutes: "
+    "on a CPU the LLM needs a minute or two to write the first variants)",
 )
 @click.option(
     "--rate",

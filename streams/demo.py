@@ -148,7 +148,7 @@ def run_demo(
     roles = ROLES + LOOP_ROLES if loop else ROLES
     if loop:
         # A short demo: judge creatives on less evidence than a real campaign would.
-        settings = settings.with_overrides(min_evidence=600, generator_seed=seed)
+        settings = settings.with_overrides(min_evidence=400, generator_seed=seed)
     with Supervisor(settings, roles=roles) as sup:
         console.print(
             f"[bold]adloop demo[/]: broker {settings.broker}, API "
@@ -230,7 +230,8 @@ def _opt_in(api: HttpSelector, campaign: str) -> None:
         "brief": msgspec.to_builtins(BRIEF),
         "auto_approve": True,
         "cooldown_s": 10.0,
-        "n_variants": 6,
+        # Few variants per request: on two shared CPU cores each takes ~10-20 s.
+        "n_variants": 4,
         "generation_budget": 12,
         "audience_descriptions": DESCRIPTIONS,
     }
