@@ -251,6 +251,7 @@ class GeneratorWorker:
     async def process(self, records: list[Any]) -> None:
         """One poll's records: validate, skip done ones, generate as one batch, publish."""
         requests: list[GenerationRequest] = []
+        accepted_records: list[Any] = []
         seen: set[str] = set()
         for record in records:
             try:
@@ -265,12 +266,14 @@ class GeneratorWorker:
                 continue
             seen.add(request.request_id)
             requests.append(request)
+            accepted_records.append(record)
         if not requests:
             return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         if self.load_error is not None:
-            for request in requests:
+            for record, request in zip(accepted_records, requests, strict=True):
+                await self._dead_letter(record, "model_unavailable", self.load_error)
                 await self._finish(request, None, [], started, error=self.load_error)
             return
         try:
