@@ -105,3 +105,28 @@ def test_request_in_scored_candidates_out_idempotent_and_dead_letters(generator)
     time.sleep(5)
     assert len(read_all(settings, "generation_results")) == 1
     assert len(read_all(settings, "creatives")) == len(creatives)
+
+
+def test_a_model_that_cannot_load_fails_requests_clearly(settings: Settings) -> None:
+    s = settings.with_overrides(llm_model="/nonexistent/model")
+    ensure_topics_sync(s)
+    producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, s, acks="all"))
+    request = GenerationRequest(
+        request_id="req-2",
+        campaign="spring",
+        audience="students",
+        brief=Brief(product="running shoes"),
+        n_variants=2,
+    )
+    with Supervisor(s, roles=("generator",)) as sup:
+        producer.send(
+            s.topic("generation_requests"), key=b"req-2", value=msgspec.json.encode(request)
+        )
+        producer.flush()
+        results = wait(lambda: read_all(s, "generation_results"), sup, 120, "a failed result")
+        letters = wait(lambda: read_all(s, "dead_letter"), sup, 30, "a dead letter")
+    producer.close()
+    result = results[0][1]
+    assert result["status"] == "failed" and "nonexistent" in result["error"]
+    assert letters[0][1]["reason_code"] == "model_unavailable"
+    assert "nonexistent" in letters[0][1]["reason"]
