@@ -203,17 +203,17 @@ def up(loop: bool, **flags: Any) -> None:
 @click.option(
     "--events",
     type=int,
-    default=180_000,
+    default=120_000,
     show_default=True,
-    help="impressions the simulated exchange sends before the summary (3 minutes: "
-    "on a CPU the LLM needs a minute or two to write the first variants)",
+    help="impressions the simulated exchange sends before the summary (4 minutes at the "
+    "default rate: on two CPU cores the LLM needs minutes to write the first variants)",
 )
 @click.option(
     "--rate",
     type=float,
-    default=1000.0,
+    default=500.0,
     show_default=True,
-    help="impressions per second (the simulated exchange is one Python thread)",
+    help="impressions per second (leaves CPU for the generator on a small machine)",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--no-live", is_flag=True, help="no live console view (for logs/CI)")

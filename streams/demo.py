@@ -148,7 +148,9 @@ def run_demo(
     roles = ROLES + LOOP_ROLES if loop else ROLES
     if loop:
         # A short demo: judge creatives on less evidence than a real campaign would.
-        settings = settings.with_overrides(min_evidence=400, generator_seed=seed)
+        settings = settings.with_overrides(
+            min_evidence=400, generator_seed=seed, generator_time_limit_s=300.0
+        )
     with Supervisor(settings, roles=roles) as sup:
         console.print(
             f"[bold]adloop demo[/]: broker {settings.broker}, API "
