@@ -273,10 +273,41 @@ def bench_spine(events: int, broker: str | None, out: Path) -> None:
     default=None,
     help="comma-separated subset, e.g. adloop,mabwiser_ts,oracle (default: all)",
 )
+@click.option(
+    "--kafka",
+    "kafka_impressions",
+    type=int,
+    default=0,
+    help="instead: run adloop on this many impressions of the non-stationary traffic "
+    "through the full Kafka path (embedded broker, real processes) and compare its regret "
+    "with the pure engine's",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def bench_bandits(impressions: int, seed: int, policies: str | None, out: Path) -> None:
+def bench_bandits(
+    impressions: int, seed: int, policies: str | None, kafka_impressions: int, out: Path
+) -> None:
     """adloop's engine vs MABWiser, Vowpal Wabbit, uniform and the oracle; engine speed."""
     configure_logging("WARNING")
+    if kafka_impressions:
+        from bench.bandits import AdloopAgent, sim_engine_config, simulate
+        from bench.bandits_kafka import run_kafka_path
+        from bench.simulator import Scenario, World
+
+        world = World(Scenario(seed=seed))
+        fast = simulate(world, AdloopAgent(world, sim_engine_config(), "adloop"), kafka_impressions)
+        slow = run_kafka_path(kafka_impressions, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        line = (
+            f"non-stationary, {kafka_impressions:,} impressions: adloop regret "
+            f"{fast.regret_at.get(min(kafka_impressions, 100_000), 0):,.0f} in the pure engine, "
+            f"{slow['regret_at'].get(min(kafka_impressions, 100_000), slow['regret']):,.0f} "
+            f"through Kafka ({slow['seconds']:.0f} s at {slow['rate']:,.0f} impressions/s)"
+        )
+        (out / "bandits_kafka.json").write_text(
+            json.dumps({"fast_regret_at": fast.regret_at, **slow}, indent=2)
+        )
+        click.echo(line)
+        return
     from bench.bandits import run_comparison
     from bench.engine_speed import markdown
     from bench.engine_speed import run as run_speed
