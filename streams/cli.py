@@ -326,6 +326,24 @@ def bench_bandits(
     )
 
 
+@bench.command("generator")
+@click.option("--variants", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+def bench_generator(variants: int, threads: int, out: Path) -> None:
+    """Seconds per request, variants/s, pass rate, diversity; CTR scoring rate."""
+    configure_logging("WARNING")
+    from bench.generation import run as run_generation
+
+    s = run_generation(out, variants, threads)
+    click.echo(json.dumps({k: v for k, v in s.items() if k != "requests"}, indent=2))
+    for r in s["requests"]:
+        click.echo(
+            f"{r['product']}: {r['seconds']:.1f} s, {r['passed']}/{r['parsed']} passed, "
+            f"e.g. {r['examples'][:2]}"
+        )
+
+
 @main.command()
 @click.option("--impressions", type=int, default=1_000_000, show_default=True)
 @click.option(
