@@ -24,6 +24,7 @@ from kafka.admin import NewTopic
 from streams.broker import BrokerStartError, EmbeddedBroker, ensure_broker
 from streams.config import TOPIC_ROLES, Settings
 from streams.topics import (
+    COMPACTED_ROLES,
     TopicMismatchError,
     TopicSpec,
     _create,
@@ -198,7 +199,8 @@ def test_ensure_topics_creates_every_topic(settings: Settings) -> None:
             res[3]: {e[0]: e[1] for e in res[4]}.get("cleanup.policy") for res in response.resources
         }
 
-    compacted = {settings.topic("decisions"), settings.topic("creatives")}
+    compacted = {settings.topic(role) for role in COMPACTED_ROLES}
+    assert {settings.topic(r) for r in ("decisions", "creatives", "campaigns")} == compacted
     assert asyncio.run(policies()) == {n: "compact" if n in compacted else None for n in names}
 
 
