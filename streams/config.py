@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,19 +29,7 @@ TopicRole = Literal[
     "campaigns",
     "audit",
 ]
-TOPIC_ROLES: tuple[TopicRole, ...] = (
-    "impressions",
-    "clicks",
-    "conversions",
-    "creatives",
-    "decisions",
-    "dead_letter",
-    "outcomes",
-    "generation_requests",
-    "generation_results",
-    "campaigns",
-    "audit",
-)
+TOPIC_ROLES: tuple[TopicRole, ...] = get_args(TopicRole)
 
 
 class Settings(BaseSettings):
