@@ -90,7 +90,7 @@ class CreativeEngine:
         return self.policy.arm_ids
 
     def add_arm(self, arm_id: str, prior: BetaPrior = UNIFORM_PRIOR) -> int:
-        if arm_id in self.policy.stats._index:
+        if arm_id in self.policy.stats:
             return self.policy.stats.index(arm_id)
         i = self.policy.add_arm(arm_id, prior)
         self.impressions = np.append(self.impressions, 0.0)

@@ -88,6 +88,9 @@ class ArmStats:
     def n_arms(self) -> int:
         return len(self.arm_ids)
 
+    def __contains__(self, arm_id: object) -> bool:
+        return arm_id in self._index
+
     def index(self, arm_id: str) -> int:
         try:
             return self._index[arm_id]

@@ -879,6 +879,27 @@ def run_replay(
     return report
 
 
+async def _publish_and_record(
+    producer: Any,
+    settings: Settings,
+    records: list[LoggedImpression],
+    options: ReplayOptions,
+    stats: PublishStats,
+    progress: Progress,
+    report: ReplayReport,
+) -> float:
+    """Publish the log and record the publishing figures; returns when it started."""
+    started = time.time()
+    n_imp, n_click, impressions_s = await publish(
+        producer, settings, records, options, stats, progress
+    )
+    report.publish_s = time.time() - started
+    report.impressions_published, report.clicks_published = n_imp, n_click
+    report.publish_events_per_s = (n_imp + n_click) / report.publish_s
+    report.impressions_per_s = n_imp / impressions_s
+    return started
+
+
 def _live(
     settings: Settings,
     records: list[LoggedImpression],
@@ -904,14 +925,9 @@ def _live(
                 await _warm_up(producer, settings, observer)
                 observer.start_sampling(options.sample_interval_s)
                 with Progress(console=console, transient=True) as progress:
-                    started = time.time()
-                    n_imp, n_click, impressions_s = await publish(
-                        producer, settings, records, options, stats, progress
+                    started = await _publish_and_record(
+                        producer, settings, records, options, stats, progress, report
                     )
-                    report.publish_s = time.time() - started
-                    report.impressions_published, report.clicks_published = n_imp, n_click
-                    report.publish_events_per_s = (n_imp + n_click) / report.publish_s
-                    report.impressions_per_s = n_imp / impressions_s
                     await _settle(observer, expected, options, sup.check, progress)
                 observer.sample_now()
                 _finish(report, observer, expected, started)
@@ -954,14 +970,9 @@ def _preloaded(
         try:
             await _send_creatives(producer, settings, creatives)
             with Progress(console=console, transient=True) as progress:
-                started = time.time()
-                n_imp, n_click, impressions_s = await publish(
-                    producer, settings, records, options, stats, progress
+                await _publish_and_record(
+                    producer, settings, records, options, stats, progress, report
                 )
-                report.publish_s = time.time() - started
-            report.impressions_published, report.clicks_published = n_imp, n_click
-            report.publish_events_per_s = (n_imp + n_click) / report.publish_s
-            report.impressions_per_s = n_imp / impressions_s
         finally:
             await producer.stop()
 

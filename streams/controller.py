@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +123,8 @@ class LoopController:
         self.campaigns: dict[str, CampaignSettings] = {}
         self.requests: dict[str, list[GenerationRequest]] = defaultdict(list)
         self.request_ids: set[str] = set()
+        # The budget counts every request of a campaign, retries included.
+        self.requests_per_campaign: Counter[str] = Counter()
         self.results: dict[str, GenerationResult] = {}
         self.reported: set[str] = set()
         self.decisions = DecisionFollower(settings, max(settings.fetch_wait_ms, 250))
@@ -144,6 +146,7 @@ class LoopController:
         if r.request_id not in self.request_ids:
             self.request_ids.add(r.request_id)
             self.requests[decision_key(r.campaign, r.audience)].append(r)
+            self.requests_per_campaign[r.campaign] += 1
 
     def _on_result(self, r: GenerationResult) -> None:
         self.results[r.request_id] = r
@@ -151,11 +154,6 @@ class LoopController:
     def _on_audit(self, a: AuditEntry) -> None:
         if a.action == "generation_failed" and isinstance(a.details.get("request_id"), str):
             self.reported.add(str(a.details["request_id"]))
-
-    def campaign_requests(self, campaign: str) -> int:
-        return sum(
-            1 for key, reqs in self.requests.items() if key.startswith(f"{campaign}|") for r in reqs
-        )
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,7 +192,7 @@ class LoopController:
                 creatives,
                 self.requests.get(key, []),
                 self.results,
-                self.campaign_requests(decision.campaign),
+                self.requests_per_campaign[decision.campaign],
                 now,
                 self.rules,
                 frozenset(self.reported),

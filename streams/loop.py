@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from msgspec import structs
+
 from schemas import (
     Brief,
     CampaignSettings,
@@ -219,8 +221,6 @@ def _stem(request_id: str) -> str:
 
 
 def _retry(request: GenerationRequest, attempt: int, now: float) -> GenerationRequest:
-    from msgspec import structs
-
     return structs.replace(
         request, request_id=f"{_stem(request.request_id)}-a{attempt}", requested_at=now
     )

@@ -188,43 +188,34 @@ def _ranked(
 PriorOf = Callable[[str], BetaPrior]
 
 
-def engine_for(
-    state: PosteriorState, config: EngineConfig, prior_of: PriorOf
-) -> tuple[CreativeEngine, bool]:
-    """The key's engine, and whether it was rebuilt from the exact totals.
+def engine_for(state: PosteriorState, config: EngineConfig, prior_of: PriorOf) -> CreativeEngine:
+    """The key's engine, rebuilt from the exact totals when absent or configured differently.
 
     A rebuild (first snapshot of a key, state from an older version, or a changed
     ``ADLOOP_POLICY``/half-life) starts the policy from the totals as if they were all
     observed at the newest event: the discount history is lost, the counts are not.
     Creatives with totals that the engine lacks are added with their totals.
     """
-    if state.engine is not None:
-        engine = CreativeEngine.from_dict(state.engine)
-        if engine.config == config:
-            for creative_id in sorted(state.totals().keys() - set(engine.arm_ids)):
-                _add_with_totals(engine, creative_id, state, prior_of)
-            return engine, False
+    totals = state.totals()
+    engine = CreativeEngine.from_dict(state.engine) if state.engine is not None else None
+    if engine is not None and engine.config != config:
         log.info(
             "policy configuration changed: rebuilding the engine from exact totals",
             extra={"policy": config.policy},
         )
-    engine = CreativeEngine(config)
-    for creative_id in sorted(state.totals()):
-        _add_with_totals(engine, creative_id, state, prior_of)
-    return engine, True
-
-
-def _add_with_totals(
-    engine: CreativeEngine, creative_id: str, state: PosteriorState, prior_of: PriorOf
-) -> None:
-    counts = state.totals()[creative_id]
-    i = engine.add_arm(creative_id, prior_of(creative_id))
-    engine.learn_many(
-        np.array([i]),
-        np.array([counts.impressions]),
-        np.array([counts.clicks]),
-        t=state.last_event_at or None,
-    )
+        engine = None
+    if engine is None:
+        engine = CreativeEngine(config)
+    missing = sorted(totals.keys() - set(engine.arm_ids))
+    if missing:
+        arms = np.array([engine.add_arm(cid, prior_of(cid)) for cid in missing])
+        engine.learn_many(
+            arms,
+            np.array([totals[cid].impressions for cid in missing]),
+            np.array([totals[cid].clicks for cid in missing]),
+            t=state.last_event_at or None,
+        )
+    return engine
 
 
 def learn_increments(
@@ -243,15 +234,11 @@ def learn_increments(
     """
     if contextual:
         _learn_contextual(state, increments, audience)
-    if state.engine is None:
-        # First snapshot of the key: the rebuild from totals already holds the increments.
-        engine, _ = engine_for(state, config, prior_of)
-        state.engine = engine.to_dict()
-        return []
-    engine = CreativeEngine.from_dict(state.engine)
-    if engine.config != config:
-        engine, _ = engine_for(state, config, prior_of)
-        state.engine = engine.to_dict()
+    engine = CreativeEngine.from_dict(state.engine) if state.engine is not None else None
+    if engine is None or engine.config != config:
+        # A rebuild from the totals (first snapshot of the key, or a new configuration)
+        # already holds the increments.
+        state.engine = engine_for(state, config, prior_of).to_dict()
         return []
     reasons: list[str] = []
     if increments:
@@ -338,7 +325,7 @@ def build_decision(
             return prior_for(registry_lookup.get(creative_id))
 
     totals = state.totals()
-    engine, _ = engine_for(state, config, prior_of)
+    engine = engine_for(state, config, prior_of)
     servable_ids = [c.creative_id for c in servable]
     for creative_id in set(engine.arm_ids) - set(servable_ids):
         engine.remove_arm(creative_id)
@@ -389,7 +376,8 @@ def build_decision(
         )
     # Creatives with traffic that are not servable (paused, retired, or not yet
     # known to this process's registry) keep their exact counts in the decision.
-    others = [cid for cid in sorted(totals) if cid not in set(servable_ids)]
+    servable_set = set(servable_ids)
+    others = [cid for cid in sorted(totals) if cid not in servable_set]
     if others:
         extra = BetaArms.empty()
         for cid in others:
