@@ -120,17 +120,23 @@ class VowpalContextual:
         non_clicks: float,
         propensity: float,
     ) -> None:
-        """Learn aggregated outcomes (the stream's increments) as at most two examples.
+        """Learn aggregated outcomes (the stream's increments) as one example.
 
-        ``c`` identical examples weigh as one example with ``c`` times the importance
-        weight, and VW's importance weight for a CB example is 1/probability, so the
-        count is folded into the probability: one example for the clicks, one for the
-        non-clicks.
+        The cost regression under ``cb_explore_adf`` is least squares, and
+        ``sum w (y_i - f)^2`` equals ``W (mean(y) - f)^2`` plus a constant: so
+        ``n`` outcomes weigh as one example whose cost is their mean (minus the
+        click rate) and whose importance weight is ``n`` times larger. VW's
+        importance weight for a CB example is 1/probability, so the count is folded
+        into the probability. (Learning the clicks and the non-clicks as two
+        examples instead let the second, heavier one overwrite the first whenever an
+        increment was large, and the model forgot which creative earned clicks.)
         """
+        total = float(clicks) + float(non_clicks)
+        if total <= 0:
+            return
         p = max(float(propensity), 1e-6)
-        for count, cost in ((clicks, -1.0), (non_clicks, 0.0)):
-            if count > 0:
-                self._ws.learn_one(self._examples(context, (arm, cost, p / count)))
+        cost = -float(clicks) / total
+        self._ws.learn_one(self._examples(context, (arm, cost, p / total)))
 
     def learn_many(
         self,

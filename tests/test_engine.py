@@ -278,6 +278,25 @@ def test_contextual_policy_learns_a_planted_context_rule() -> None:
     assert clone.arm_ids == policy.arm_ids
 
 
+@pytest.mark.parametrize("per_increment", [1, 50, 1000])
+def test_contextual_counts_learn_the_same_whatever_the_increment_size(per_increment: int) -> None:
+    """The stream hands over aggregated increments whose size depends on its speed."""
+    policy = VowpalContextual(seed=2)
+    policy.add_arm("c1")
+    policy.add_arm("c2")
+    rates = {"feed": (0.15, 0.02), "story": (0.02, 0.15)}
+    rng = np.random.default_rng(0)
+    for _ in range(1000 // per_increment):
+        for placement, by_arm in rates.items():
+            for arm, ctr in enumerate(by_arm):
+                clicks = int(rng.binomial(per_increment, ctr))
+                policy.learn_counts(
+                    {"placement": placement}, arm, clicks, per_increment - clicks, 0.5
+                )
+    for placement, winner in (("feed", 0), ("story", 1)):
+        assert policy.serving_probabilities({"placement": placement})[winner] > 0.9
+
+
 # -- state -----------------------------------------------------------------------------
 
 
