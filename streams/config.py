@@ -101,7 +101,9 @@ class Settings(BaseSettings):
     # --- HTTP ------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8080
-    worker_web_port: int = 6066
+    # Faust's own web server in the worker (its table and metrics pages); 0 = off, so
+    # two stacks on one machine (a demo and the tests) do not fight over a port.
+    worker_web_port: int = Field(default=0, ge=0)
 
     # --- Serving policy ----------------------------------------------------------------
     # Share of traffic spread uniformly over servable creatives, so every logged
