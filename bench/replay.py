@@ -66,7 +66,7 @@ from schemas import (
     split_decision_key,
 )
 from streams.config import Settings
-from streams.kafka import consumer_kwargs, producer_kwargs
+from streams.kafka import FetchWaitGovernor, consumer_kwargs, producer_kwargs
 from streams.posterior import (
     PosteriorState,
     build_arms,
@@ -479,6 +479,7 @@ class Observer:
             **consumer_kwargs(s, group_id=None, fetch_max_wait_ms=s.fetch_wait_ms)
         )
         await self._consumer.start()
+        self._fetch_wait = FetchWaitGovernor(self._consumer, s.fetch_wait_ms)
         tps = [TopicPartition(t, p) for t in self._roles for p in range(s.partitions)]
         self._consumer.assign(tps)
         for tp in tps:
@@ -510,6 +511,7 @@ class Observer:
         assert self._consumer is not None
         while True:
             batches = await self._consumer.getmany(timeout_ms=100, max_records=10_000)
+            self._fetch_wait.observe(batches)
             for tp, records in batches.items():
                 role = self._roles[tp.topic]
                 for record in records:

@@ -55,8 +55,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     scheme = "kafka"
     if settings.fetch_max_wait_ms is not None:
         from streams.faust_transport import register
+        from streams.kafka import consumer_kwargs
 
-        scheme = register(settings.fetch_max_wait_ms)
+        scheme = register(settings.fetch_max_wait_ms, consumer_kwargs(settings))
     conf: dict[str, Any] = {
         "broker": ";".join(f"{scheme}://{h}" for h in settings.bootstrap_servers.split(",")),
         "store": "rocksdb://",
@@ -68,6 +69,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "web_enabled": settings.worker_web_port > 0,
         "web_port": settings.worker_web_port or 6066,
         "web_host": settings.api_host,
+        "web_bind": settings.api_host,
         "stream_recovery_delay": 0.0,
         "topic_allow_declare": True,
     }

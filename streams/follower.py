@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.config import Settings, TopicRole
-from streams.kafka import consumer_kwargs
+from streams.kafka import FetchWaitGovernor, consumer_kwargs
 
 log = logging.getLogger("adloop.follower")
 
@@ -43,6 +43,7 @@ class TopicFollower:
             )
         )
         await self._consumer.start()
+        self._fetch_wait = FetchWaitGovernor(self._consumer, self._fetch_max_wait_ms)
         partitions = self._consumer.partitions_for_topic(self.topic) or range(
             self.settings.partitions
         )
@@ -61,6 +62,7 @@ class TopicFollower:
             self.caught_up.set()
         while True:
             batches = await self._consumer.getmany(timeout_ms=200)
+            self._fetch_wait.observe(batches)
             for tp, records in batches.items():
                 for record in records:
                     self.apply(record)

@@ -61,7 +61,7 @@ from schemas import (
 )
 from streams.broker import install_shutdown_signals
 from streams.config import Settings
-from streams.kafka import consumer_kwargs, producer_kwargs
+from streams.kafka import FetchWaitGovernor, consumer_kwargs, producer_kwargs
 from streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.ingest")
@@ -422,6 +422,7 @@ class Ingest:
             )
         )
         await self._consumer.start()
+        self._fetch_wait = FetchWaitGovernor(self._consumer, s.fetch_wait_ms)
         self._consumer.subscribe(list(self.roles), listener=_Rebalance(self))
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -453,6 +454,7 @@ class Ingest:
                 log.info("ingest counters", extra={"metrics": self.metrics.as_dict()})
                 next_report = time.monotonic() + 30.0
             batches = await consumer.getmany(timeout_ms=20, max_records=max_records)
+            self._fetch_wait.observe(batches)
             if batches:
                 self.process(batches)
             if self._unresolved:
