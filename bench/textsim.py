@@ -306,6 +306,7 @@ def _loop_stats(base: str, campaign: str) -> dict[str, Any]:
     requested = [e for e in trail if e["action"] == "generation_requested"]
     retired = [e for e in trail if e["action"] == "retired"]
     failed = [e for e in trail if e["action"] == "generation_failed"]
+    answered = [e for e in trail if e["action"] == "generation_answered"]
     served = [
         c
         for c in story["creatives"]
@@ -320,6 +321,8 @@ def _loop_stats(base: str, campaign: str) -> dict[str, Any]:
     )
     return {
         "requested": len(requested),
+        "answered": len(answered),
+        "generated": sum(int(e["details"].get("generated", 0)) for e in answered),
         "passed_filters": len(generated),
         "adopted": len(served),
         "retired": len(retired),

@@ -127,6 +127,7 @@ class LoopController:
         self.requests_per_campaign: Counter[str] = Counter()
         self.results: dict[str, GenerationResult] = {}
         self.reported: set[str] = set()
+        self.answered: set[str] = set()  # results already in the audit trail
         self.decisions = DecisionFollower(settings, max(settings.fetch_wait_ms, 250))
         self.followers: list[TopicFollower] = [
             RegistryFollower(settings, self.registry),
@@ -152,8 +153,13 @@ class LoopController:
         self.results[r.request_id] = r
 
     def _on_audit(self, a: AuditEntry) -> None:
-        if a.action == "generation_failed" and isinstance(a.details.get("request_id"), str):
-            self.reported.add(str(a.details["request_id"]))
+        request_id = a.details.get("request_id")
+        if not isinstance(request_id, str):
+            return
+        if a.action == "generation_failed":
+            self.reported.add(request_id)
+        elif a.action == "generation_answered":
+            self.answered.add(request_id)
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -179,6 +185,7 @@ class LoopController:
     # -- one pass ---------------------------------------------------------------------
     async def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
+        await self._audit_answers()
         for key, decision in sorted(self.decisions.decisions.items()):
             settings = self.campaigns.get(decision.campaign)
             if settings is None:
@@ -261,6 +268,29 @@ class LoopController:
                     "generation failed; check `adloop generator` and its log",
                     extra={"reason": failure},
                 )
+
+    async def _audit_answers(self) -> None:
+        """Each answered request once in the audit trail: how many written, how many passed."""
+        for request_id, r in sorted(self.results.items()):
+            if r.status != "ok" or request_id in self.answered:
+                continue
+            self.answered.add(request_id)
+            await self._send(
+                "audit",
+                r.campaign,
+                audit(
+                    r.campaign,
+                    "generation_answered",
+                    f"{r.generated} variants written, {r.passed_filters} passed the filters "
+                    f"in {r.seconds:.0f} s",
+                    audience=r.audience,
+                    request_id=request_id,
+                    generated=r.generated,
+                    passed_filters=r.passed_filters,
+                    seconds=r.seconds,
+                    creative_ids=list(r.creative_ids),
+                ),
+            )
 
     async def retrain(self) -> int:
         """Train a new CTR model version from the topics (a child process, so the loop

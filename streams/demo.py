@@ -107,17 +107,27 @@ def loop_events(api: HttpSelector, campaign: str) -> list[str]:
         if lineage:
             by_request.setdefault(lineage["request_id"], []).append(item)
     retired = {e["creative_id"] for e in trail["entries"] if e["action"] == "retired"}
+    answered = {
+        e["details"].get("request_id"): e["details"]
+        for e in trail["entries"]
+        if e["action"] == "generation_answered"
+    }
     lines = []
     for e in reversed(trail["entries"]):
         if e["action"] == "generation_requested":
             rid = e["details"].get("request_id", "")
+            trigger = e["reason"].split(":")[0]
+            line = f"{trigger} ({e['audience']}) → asked {e['details'].get('n_variants')} variants"
+            answer = answered.get(rid)
+            if answer is None:
+                lines.append(line + " → the generator is writing them…")
+                continue
             made = by_request.get(rid, [])
             live = [m for m in made if m["creative"]["status"] == "active"]
             served = [m for m in live if sum(a["impressions"] for a in m["audiences"]) > 0]
-            trigger = e["reason"].split(":")[0]
-            line = (
-                f"{trigger} ({e['audience']}) → asked {e['details'].get('n_variants')} variants"
-                f" → {len(made)} passed filters → {len(live)} live, {len(served)} served"
+            line += (
+                f" → {answer.get('generated', '?')} written, {len(made)} passed filters"
+                f" → {len(live)} live, {len(served)} served"
             )
             if e.get("creative_id") in retired:
                 line += f" → {e['creative_id']} retired"
@@ -247,9 +257,16 @@ def _loop_counts(api: HttpSelector, campaign: str) -> dict[str, int]:
     _, trail = api.get(f"/v1/campaigns/{campaign}/audit")
     _, story = api.get(f"/v1/campaigns/{campaign}/story")
     generated = [c for c in story.get("creatives", []) if c["creative"]["origin"] == "generated"]
-    actions = [e["action"] for e in trail.get("entries", [])]
+    entries = trail.get("entries", [])
+    actions = [e["action"] for e in entries]
     return {
         "requested": actions.count("generation_requested"),
+        "answered": actions.count("generation_answered"),
+        "written": sum(
+            int(e["details"].get("generated", 0))
+            for e in entries
+            if e["action"] == "generation_answered"
+        ),
         "passed_filters": len(generated),
         "live": sum(c["creative"]["status"] == "active" for c in generated),
         "served": sum(sum(a["impressions"] for a in c["audiences"]) > 0 for c in generated),
@@ -322,13 +339,14 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
         "best initial creative in hindsight"
         if s.loop is not None
         else "best single creative in hindsight",
-        f"{s.best_in_hindsight_ctr:.3%} (adloop: "
-        f"{s.realized_ctr / max(s.best_in_hindsight_ctr, 1e-12):.1%} of it)",
+        f"{s.best_in_hindsight_ctr:.3%} (adloop's lift over it: "
+        f"{s.realized_ctr / max(s.best_in_hindsight_ctr, 1e-12) - 1:+.1%})",
     )
     if s.loop is not None:
         table.add_row(
             "the loop",
-            f"{s.loop['requested']} requests → {s.loop['passed_filters']} variants passed filters"
+            f"{s.loop['requested']} requests ({s.loop['answered']} answered, "
+            f"{s.loop['written']} variants written) → {s.loop['passed_filters']} passed filters"
             f" → {s.loop['live']} live ({s.loop['served']} served) · {s.loop['retired']} "
             f"retired · {s.loop['failed']} failed",
         )

@@ -159,4 +159,10 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     old = story["c2"]["creative"]["history"][-1]
     assert old["action"] == "retired_in_audience" and old["reason"].startswith("replaced by")
     actions = [e["action"] for e in call(stack, "GET", "/v1/campaigns/shoes/audit")[1]["entries"]]
-    assert {"settings_changed", "generation_requested", "approved", "retired"} <= set(actions)
+    assert {
+        "settings_changed",
+        "generation_requested",
+        "generation_answered",
+        "approved",
+        "retired",
+    } <= set(actions)
