@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -331,6 +332,8 @@ class VariantGenerator:
         self.sampling = sampling or SamplingConfig()
         self.filter_config = filters or FilterConfig()
         self._loaded = loaded
+        # Set from another thread to end a generate() call at its next token (shutdown).
+        self.cancelled = threading.Event()
         self.limits = PromptLimits(
             max_headline_chars=self.filter_config.max_headline_chars,
             max_description_chars=self.filter_config.max_description_chars,
@@ -463,7 +466,7 @@ class VariantGenerator:
             "max_new_tokens": self.sampling.max_new_tokens,
             "eos_token_id": loaded.stop_token_ids,
             "pad_token_id": tokenizer.pad_token_id,
-            "stopping_criteria": [stop],
+            "stopping_criteria": [stop, _Cancelled(self.cancelled)],
         }
         started = time.perf_counter()
         with _cpu_threads(self.llm_config.cpu_threads, loaded.device), torch.inference_mode():
@@ -523,6 +526,19 @@ def _cpu_threads(threads: int | None, device: str) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends every row at once when the event is set (the worker is shutting down)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _AnswerComplete(StoppingCriteria):

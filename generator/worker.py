@@ -218,6 +218,11 @@ class GeneratorWorker:
         await self._consumer.start()
 
     async def stop(self) -> None:
+        cancelled = getattr(self._generator, "cancelled", None)
+        if cancelled is not None:
+            # A request in the middle of generate() ends at its next token; its offset
+            # is not committed, so it is answered again after a restart.
+            cancelled.set()
         if self._consumer is not None:
             await self._consumer.stop()
         for follower in (self._results, self._campaigns):
