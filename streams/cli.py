@@ -349,13 +349,19 @@ def bench_generator(variants: int, threads: int, out: Path) -> None:
 @click.option(
     "--rate",
     type=float,
-    default=4000.0,
+    default=1000.0,
     show_default=True,
-    help="impressions per second (the loop needs wall time to generate)",
+    help="impressions per second of run (b): the loop needs wall time to generate",
+)
+@click.option(
+    "--pool-rate",
+    type=float,
+    default=None,
+    help="impressions per second of run (a), which needs no model time (default: --rate)",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-def simulate(impressions: int, rate: float, seed: int, out: Path) -> None:
+def simulate(impressions: int, rate: float, pool_rate: float | None, seed: int, out: Path) -> None:
     """Text-aware exchange: the initial pool alone vs the full loop (lift, plot, loop stats)."""
     configure_logging("WARNING")
     from bench.textsim import run_simulation
@@ -363,7 +369,7 @@ def simulate(impressions: int, rate: float, seed: int, out: Path) -> None:
     def progress(name: str, sent: int, ctr: float) -> None:
         click.echo(f"{name}: {sent:,} impressions, CTR so far {ctr:.3%}")
 
-    s = run_simulation(out, impressions, seed, rate, progress)
+    s = run_simulation(out, impressions, seed, rate, progress, pool_rate=pool_rate)
     loop_stats = {k: v for k, v in s["loop"].items() if k != "top_generated"}
     click.echo(
         f"CTR (a) pool only {s['ctr_a']:.3%}, (b) full loop {s['ctr_b']:.3%}: "
