@@ -288,7 +288,7 @@ class LoopController:
                     generated=r.generated,
                     passed_filters=r.passed_filters,
                     seconds=r.seconds,
-                    creative_ids=list(r.creative_ids),
+                    creative_ids=" ".join(r.creative_ids),
                 ),
             )
 
