@@ -334,6 +334,7 @@ class VariantGenerator:
         self._loaded = loaded
         # Set from another thread to end a generate() call at its next token (shutdown).
         self.cancelled = threading.Event()
+        self._deadline: float | None = None  # time.perf_counter() of the current call
         self.limits = PromptLimits(
             max_headline_chars=self.filter_config.max_headline_chars,
             max_description_chars=self.filter_config.max_description_chars,
@@ -357,9 +358,17 @@ class VariantGenerator:
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return chat + ANSWER_PREFIX
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutcome]:
-        """One outcome per request, in order. Requests are batched together."""
+    def generate(
+        self, requests: Sequence[GenerationRequest], time_limit_s: float | None = None
+    ) -> list[GenerationOutcome]:
+        """One outcome per request, in order. Requests are batched together.
+
+        With ``time_limit_s``, no new round starts and sampling stops once it has
+        passed: the variants that passed the filters by then are the answer (a
+        request that would need more rounds still gets what it has, not nothing).
+        """
         started = time.perf_counter()
+        self._deadline = None if time_limit_s is None else started + time_limit_s
         filters = [VariantFilter(r.brief, self.filter_config) for r in requests]
         outcomes = [
             GenerationOutcome(r.request_id, [], [], filters_passed=f.rule_names)
@@ -367,6 +376,8 @@ class VariantGenerator:
         ]
         prompts = [self.prompt_text(r) for r in requests]
         for round_index in range(self.sampling.max_rounds):
+            if self._deadline is not None and time.perf_counter() >= self._deadline:
+                break
             wanted = {
                 i: self._sequences_for(r.n_variants - len(outcomes[i].variants), round_index)
                 for i, r in enumerate(requests)
@@ -466,7 +477,7 @@ class VariantGenerator:
             "max_new_tokens": self.sampling.max_new_tokens,
             "eos_token_id": loaded.stop_token_ids,
             "pad_token_id": tokenizer.pad_token_id,
-            "stopping_criteria": [stop, _Cancelled(self.cancelled)],
+            "stopping_criteria": [stop, _Cancelled(self.cancelled, self._deadline)],
         }
         started = time.perf_counter()
         with _cpu_threads(self.llm_config.cpu_threads, loaded.device), torch.inference_mode():
@@ -529,16 +540,19 @@ def _cpu_threads(threads: int | None, device: str) -> Iterator[None]:
 
 
 class _Cancelled(StoppingCriteria):
-    """Ends every row at once when the event is set (the worker is shutting down)."""
+    """Ends every row at once when the event is set (the worker is shutting down) or
+    the call's deadline (a ``time.perf_counter()`` value) has passed."""
 
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event, deadline: float | None = None) -> None:
         super().__init__()
         self.event = event
+        self.deadline = deadline
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        stop = self.event.is_set() or (
+            self.deadline is not None and time.perf_counter() >= self.deadline
         )
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class _AnswerComplete(StoppingCriteria):

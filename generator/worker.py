@@ -175,7 +175,11 @@ class GeneratorWorker:
 
         generator, scorer = self._models()
         scorer.maybe_reload()  # a newly trained CTR model, without a restart
-        outcomes = generator.generate(requests)
+        # Sampling stops at 80 % of the time limit, so the variants written by then are
+        # scored and published within it; the wait in process() is the hard backstop.
+        outcomes = generator.generate(
+            requests, time_limit_s=0.8 * self.settings.generator_time_limit_s
+        )
         out = []
         for request, outcome in zip(requests, outcomes, strict=True):
             items = [

@@ -4,6 +4,7 @@ and one run of the real SmolLM2 GGUF."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -502,6 +503,13 @@ def test_real_smollm2_gguf_generates_screened_variants(monkeypatch: pytest.Monke
     # Same seed, same answers.
     [again] = generator.generate([request])
     assert (again.variants, again.rejections) == (outcome.variants, outcome.rejections)
+
+    # A time limit cuts sampling short: an answer with what exists by then, not a failure.
+    started = time.perf_counter()
+    [cut] = generator.generate([request], time_limit_s=0.5)
+    assert time.perf_counter() - started < 5.0 and cut.rounds <= 1
+    [none] = generator.generate([request], time_limit_s=0.0)
+    assert none.rounds == 0 and none.variants == []
     load_model.cache_clear()
 
 

@@ -166,3 +166,17 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
         "approved",
         "retired",
     } <= set(actions)
+    # The CTR model keeps learning: the loop's scheduled retraining (a `train-ctr
+    # --from-kafka` child process) trains a new version from these topics, where the
+    # generator's scorer looks for it.
+    import asyncio
+
+    from generator.ctr import CtrScorer
+    from streams.controller import LoopController
+
+    controller = LoopController(stack.settings.with_overrides(ctr_retrain_max_steps=4))
+    assert asyncio.run(controller.retrain()) == 0
+    models = stack.settings.models_dir or stack.settings.data_dir / "models"
+    cards = [json.loads(p.read_text()) for p in (models / "ctr").glob("*/model_card.json")]
+    assert cards and cards[-1]["data"]["impressions"] >= 1200, cards
+    assert CtrScorer.load(models).version == cards[-1]["version"]
