@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -25,6 +27,8 @@ from streams.kafka import consumer_kwargs, producer_kwargs
 from streams.supervisor import Supervisor
 from streams.topics import broker_with_topics
 
+log = logging.getLogger("adloop.bench")
+
 CAMPAIGNS = ["bench-a", "bench-b"]
 AUDIENCES = ["aud-1", "aud-2", "aud-3", "aud-4", "aud-5"]
 CREATIVES_PER_CAMPAIGN = 6
@@ -33,7 +37,11 @@ T0 = 1_760_000_000.0
 
 @contextlib.contextmanager
 def deployment(broker: str | None = None, **overrides: object) -> Iterator[Settings]:
-    """Settings on a broker (embedded unless given), with fresh topics and state."""
+    """Settings on a broker (embedded unless given), with fresh topics and state.
+
+    The state directory (RocksDB, logs, CTR models trained during the run) is removed
+    afterwards; after a failure it is kept, and its path logged, to read the logs.
+    """
     data_dir = Path(tempfile.mkdtemp(prefix="adloop-bench-"))
     base = Settings(
         broker=broker,
@@ -41,8 +49,13 @@ def deployment(broker: str | None = None, **overrides: object) -> Iterator[Setti
         data_dir=data_dir,
         **overrides,  # type: ignore[arg-type]
     )
-    with broker_with_topics(base) as settings:
-        yield settings
+    try:
+        with broker_with_topics(base) as settings:
+            yield settings
+    except BaseException:
+        log.warning("bench state kept for its logs", extra={"data_dir": str(data_dir)})
+        raise
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def free_port() -> int:
