@@ -69,11 +69,18 @@ HELP_DEFAULTS: dict[str, Any] = {
     default=None,
     help="make the model current even if it is worse than the global CTR on validation",
 )
+@click.option(
+    "--recent",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --from-kafka: learn from the latest N impressions only (default: all)",
+)
 @click.option("--no-progress", is_flag=True, help="no progress bars (for logs/CI)")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING")
 def train_ctr(
     from_file: Path | None,
     from_kafka: bool,
+    recent: int | None,
     broker: str | None,
     topic_prefix: str | None,
     models_dir: Path | None,
@@ -115,7 +122,7 @@ def train_ctr(
         if from_file:
             impressions = read_export(from_file, max_bad_fraction=config.max_bad_fraction)
         else:
-            impressions = read_kafka_log(settings)
+            impressions = read_kafka_log(settings, recent=recent)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     target = settings.models_dir or settings.data_dir / "models"

@@ -947,10 +947,31 @@ def _prune(root: Path, keep: int) -> None:
 # --- Kafka (thin adapter: records in, LogBuilder out) --------------------------------------
 
 
-def _read_topic(settings: Any, topic: str, idle_s: float, deadline: float) -> Iterator[Any]:
-    """Every record of ``topic`` from the beginning to the end. The end is reached
-    when positions pass the end offsets and a poll then stays empty for ``idle_s``
-    (the embedded broker's ListOffsets can understate the end, see DEVELOPERS.md)."""
+def _true_end_offsets(settings: Any, listed: dict[Any, int]) -> dict[Any, int]:
+    """End offsets as a fetch reports them (the embedded broker lists less, see
+    ``streams.kafka.fetched_end_offsets``)."""
+    import asyncio
+
+    from aiokafka.structs import TopicPartition as AioTopicPartition
+
+    from streams.kafka import consumer_kwargs, fetched_end_offsets
+
+    by_aio = {AioTopicPartition(tp.topic, tp.partition): tp for tp in listed}
+    fetched = asyncio.run(
+        fetched_end_offsets(
+            consumer_kwargs(settings), {aio: listed[tp] for aio, tp in by_aio.items()}
+        )
+    )
+    return {tp: fetched[aio] for aio, tp in by_aio.items()}
+
+
+def _read_topic(
+    settings: Any, topic: str, idle_s: float, deadline: float, recent: int | None = None
+) -> Iterator[Any]:
+    """Every record of ``topic`` from the beginning (or the latest ``recent`` records,
+    spread over its partitions) to the end. The end is reached when positions pass the
+    end offsets and a poll then stays empty for ``idle_s`` (the embedded broker's
+    ListOffsets can understate the end, see DEVELOPERS.md)."""
     from kafka import KafkaConsumer, TopicPartition
 
     from streams.kafka import kafka_python_kwargs
@@ -969,7 +990,12 @@ def _read_topic(settings: Any, topic: str, idle_s: float, deadline: float) -> It
         parts = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
+        ends = _true_end_offsets(settings, consumer.end_offsets(parts))
+        if recent is not None:
+            starts = consumer.beginning_offsets(parts)
+            per_partition = math.ceil(recent / len(parts))
+            for tp in parts:
+                consumer.seek(tp, max(starts[tp], ends[tp] - per_partition))
         idle_since: float | None = None
         while time.monotonic() < deadline:
             batches = consumer.poll(timeout_ms=200)
@@ -994,10 +1020,15 @@ def read_kafka_log(
     idle_s: float = 2.0,
     timeout_s: float = 1800.0,
     records: Any = None,
+    recent: int | None = None,
 ) -> ImpressionLog:
     """Impressions from the impressions topic, clicked when a click on the same
     impression_id falls in the attribution window (as the ingest counts them), with
     the text of the latest creative record per creative_id.
+
+    ``recent``: only the latest N impressions (all clicks and creatives are read; they
+    are few). Reading a whole topic grows with its history; a scheduled retraining
+    needs a bounded read, and recent traffic is what the next variants will meet.
 
     ``records(topic)`` may replace the Kafka reader (tests)."""
     from schemas import Click, Creative, Impression
@@ -1009,7 +1040,8 @@ def read_kafka_log(
         topic = settings.topic(role)
         if records is not None:
             return records(topic)
-        return _read_topic(settings, topic, idle_s, deadline)
+        window = recent if role == "impressions" else None
+        return _read_topic(settings, topic, idle_s, deadline, window)
 
     limit = settings.max_payload_bytes
     builder = LogBuilder(source=f"kafka:{settings.topic('impressions')}")

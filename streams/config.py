@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     # without a restart.
     ctr_retrain_interval_s: float = Field(default=0.0, ge=0)
     ctr_retrain_max_steps: int = Field(default=300, ge=1)
+    # Each retraining reads the latest this-many impressions (a bounded read: the whole
+    # topic grows with the campaign's history).
+    ctr_retrain_recent_impressions: int = Field(default=200_000, ge=1)
 
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod

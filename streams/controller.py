@@ -307,6 +307,8 @@ class LoopController:
             "--no-progress",
             "--max-steps",
             str(s.ctr_retrain_max_steps),
+            "--recent",
+            str(s.ctr_retrain_recent_impressions),
         ]
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
