@@ -255,6 +255,39 @@ def required_terms_rule(brief: Brief) -> TermsRule:
     return TermsRule("required_terms", tuple(brief.required_terms), forbid=False)
 
 
+# --- Claims -----------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", ".") for n in _NUMBER.findall(text)}
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsRule:
+    """Every number in a variant (a discount, a price, a rating) must come from the brief.
+
+    A small model invents figures: SmolLM2 wrote "90% Off" for a brief that says 30 %
+    off. A number the advertiser did not state is a claim nobody can stand behind.
+    """
+
+    allowed: frozenset[str]
+    name: str = "unsupported_claim"
+
+    @classmethod
+    def for_brief(cls, brief: Brief) -> ClaimsRule:
+        text = " ".join([brief.product, brief.key_message, *brief.constraints])
+        return cls(frozenset(_numbers(text)))
+
+    def check(self, variant: Variant) -> str | None:
+        invented = sorted(_numbers(f"{variant.headline} {variant.description}") - self.allowed)
+        if invented:
+            stated = ", ".join(sorted(self.allowed)) or "none"
+            return f"states {', '.join(invented)}, a figure not in the brief (it states: {stated})"
+        return None
+
+
 # --- Language ---------------------------------------------------------------------------
 
 # Scripts each language is written in; Latin is tolerated everywhere (brand names,
@@ -389,6 +422,7 @@ class VariantFilter:
             brand_safety_rule(config.blocklist),
             forbidden_terms_rule(brief),
             required_terms_rule(brief),
+            ClaimsRule.for_brief(brief),
         ]
         if config.check_language:
             rules.append(LanguageRule(brief.language))
