@@ -295,6 +295,7 @@ class LoopController:
     async def retrain(self) -> int:
         """Train a new CTR model version from the topics (a child process, so the loop
         keeps ticking); the generator reloads it. Returns the exit code."""
+        from streams.broker import _die_with_parent_preexec
         from streams.supervisor import settings_env
 
         s = self.settings
@@ -316,8 +317,15 @@ class LoopController:
             env=settings_env(s),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # Killed with the loop, even by SIGKILL: no orphan trainer.
+            preexec_fn=_die_with_parent_preexec(),
         )
-        output, _ = await proc.communicate()
+        try:
+            output, _ = await proc.communicate()
+        except asyncio.CancelledError:  # the loop is stopping
+            proc.kill()
+            await proc.wait()
+            raise
         tail = output.decode(errors="replace").strip().splitlines()[-3:]
         if proc.returncode == 0:
             log.info(
