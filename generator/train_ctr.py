@@ -966,12 +966,12 @@ def _true_end_offsets(settings: Any, listed: dict[Any, int]) -> dict[Any, int]:
 
 
 def _read_topic(
-    settings: Any, topic: str, idle_s: float, deadline: float, recent: int | None = None
+    settings: Any, topic: str, deadline: float, recent: int | None = None
 ) -> Iterator[Any]:
     """Every record of ``topic`` from the beginning (or the latest ``recent`` records,
-    spread over its partitions) to the end. The end is reached when positions pass the
-    end offsets and a poll then stays empty for ``idle_s`` (the embedded broker's
-    ListOffsets can understate the end, see DEVELOPERS.md)."""
+    spread over its partitions) to the end offsets as a fetch reports them when the
+    read starts (the embedded broker's ListOffsets understates them, see
+    DEVELOPERS.md)."""
     from kafka import KafkaConsumer, TopicPartition
 
     from streams.kafka import kafka_python_kwargs
@@ -996,19 +996,14 @@ def _read_topic(
             per_partition = math.ceil(recent / len(parts))
             for tp in parts:
                 consumer.seek(tp, max(starts[tp], ends[tp] - per_partition))
-        idle_since: float | None = None
+        # Up to the ends taken now: a live topic keeps growing, so "read until it goes
+        # quiet" never ended while the exchange was sending (a scheduled retraining
+        # read the clicks topic for 10 minutes).
         while time.monotonic() < deadline:
-            batches = consumer.poll(timeout_ms=200)
-            if batches:
-                idle_since = None
-                for records in batches.values():
-                    yield from records
-                continue
-            if any(consumer.position(tp) < ends[tp] for tp in parts):
-                continue
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since >= idle_s:
+            if all(consumer.position(tp) >= ends[tp] for tp in parts):
                 return
+            for records in consumer.poll(timeout_ms=200).values():
+                yield from records
         raise TimeoutError(f"reading {topic} did not reach its end in time")
     finally:
         consumer.close()
@@ -1017,7 +1012,6 @@ def _read_topic(
 def read_kafka_log(
     settings: Any,
     *,
-    idle_s: float = 2.0,
     timeout_s: float = 1800.0,
     records: Any = None,
     recent: int | None = None,
@@ -1041,7 +1035,7 @@ def read_kafka_log(
         if records is not None:
             return records(topic)
         window = recent if role == "impressions" else None
-        return _read_topic(settings, topic, idle_s, deadline, window)
+        return _read_topic(settings, topic, deadline, window)
 
     limit = settings.max_payload_bytes
     builder = LogBuilder(source=f"kafka:{settings.topic('impressions')}")
