@@ -1039,6 +1039,18 @@ def read_kafka_log(
 
     limit = settings.max_payload_bytes
     builder = LogBuilder(source=f"kafka:{settings.topic('impressions')}")
+    # Impressions first, then clicks and creatives: clicks on the latest impressions
+    # arrive after them, and a clicks read that ended before the impressions read
+    # left the newest impressions (the validation split) without their clicks.
+    impression_decoder = RecordDecoder(Impression, limit)
+    impressions: list[tuple[str, Any]] = []
+    for record in read("impressions"):
+        where = f"{record.topic}/{record.partition}@{record.offset}"
+        builder.rows_read += 1
+        try:
+            impressions.append((where, impression_decoder.decode(record.value)))
+        except InvalidRecord as exc:
+            builder.bad(where, f"{exc.code}: {exc.reason}")
     creatives: dict[str, Any] = {}
     decoder = RecordDecoder(Creative, limit)
     for record in read("creatives"):
@@ -1061,15 +1073,7 @@ def read_kafka_log(
         if seen is None or click.timestamp < seen:
             first_click[click.impression_id] = click.timestamp
     window = settings.attribution_window_s
-    impression_decoder = RecordDecoder(Impression, limit)
-    for record in read("impressions"):
-        where = f"{record.topic}/{record.partition}@{record.offset}"
-        builder.rows_read += 1
-        try:
-            imp = impression_decoder.decode(record.value)
-        except InvalidRecord as exc:
-            builder.bad(where, f"{exc.code}: {exc.reason}")
-            continue
+    for where, imp in impressions:
         creative = creatives.get(imp.creative_id)
         if creative is None:
             builder.bad(where, f"unknown_creative {imp.creative_id!r}: no text to learn from")
