@@ -157,9 +157,11 @@ def run_demo(
     scenario = Scenario.text_aware(seed) if loop else Scenario.default(seed)
     roles = ROLES + LOOP_ROLES if loop else ROLES
     if loop:
-        # A short demo: judge creatives on less evidence than a real campaign would.
+        # A short demo: judge creatives on less evidence than a real campaign would,
+        # and answer each request with what the LLM wrote in ~100 s (2 busy cores take
+        # ~170 s for all rounds, longer than the demo has left after the first verdict).
         settings = settings.with_overrides(
-            min_evidence=400, generator_seed=seed, generator_time_limit_s=300.0
+            min_evidence=400, generator_seed=seed, generator_time_limit_s=125.0
         )
     with Supervisor(settings, roles=roles) as sup:
         console.print(
