@@ -477,7 +477,7 @@ class VariantGenerator:
             "max_new_tokens": self.sampling.max_new_tokens,
             "eos_token_id": loaded.stop_token_ids,
             "pad_token_id": tokenizer.pad_token_id,
-            "stopping_criteria": [stop, _Cancelled(self.cancelled, self._deadline)],
+            "stopping_criteria": [stop, _Interrupted(self.cancelled, self._deadline)],
         }
         started = time.perf_counter()
         with _cpu_threads(self.llm_config.cpu_threads, loaded.device), torch.inference_mode():
@@ -539,7 +539,7 @@ def _cpu_threads(threads: int | None, device: str) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class _Cancelled(StoppingCriteria):
+class _Interrupted(StoppingCriteria):
     """Ends every row at once when the event is set (the worker is shutting down) or
     the call's deadline (a ``time.perf_counter()`` value) has passed."""
 

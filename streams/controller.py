@@ -176,6 +176,10 @@ class LoopController:
         if self._producer is not None:
             await self._producer.stop()
 
+    async def _audit(self, campaign: str, action: str, reason: str, **fields: Any) -> None:
+        """One entry in the campaign's audit trail (keyed by campaign)."""
+        await self._send("audit", campaign, audit(campaign, action, reason, **fields))
+
     async def _send(self, role: TopicRole, key: str, value: msgspec.Struct) -> None:
         assert self._producer is not None
         await self._producer.send_and_wait(
@@ -211,16 +215,12 @@ class LoopController:
                 updated = retire_in_audience(creative, retirement, ACTOR)
                 await self._send("creatives", updated.creative_id, updated)
                 self.registry.put(updated)
-                await self._send(
-                    "audit",
+                await self._audit(
                     decision.campaign,
-                    audit(
-                        decision.campaign,
-                        "retired",
-                        retirement.reason,
-                        creative_id=updated.creative_id,
-                        audience=retirement.audience,
-                    ),
+                    "retired",
+                    retirement.reason,
+                    creative_id=updated.creative_id,
+                    audience=retirement.audience,
                 )
                 log.info(
                     "retired",
@@ -234,18 +234,14 @@ class LoopController:
                 r = p.request
                 await self._send("generation_requests", r.request_id, r)
                 self._on_request(r)
-                await self._send(
-                    "audit",
+                await self._audit(
                     decision.campaign,
-                    audit(
-                        decision.campaign,
-                        "generation_requested",
-                        r.trigger or "",
-                        creative_id=r.underperformer.creative_id if r.underperformer else None,
-                        audience=r.audience,
-                        request_id=r.request_id,
-                        n_variants=r.n_variants,
-                    ),
+                    "generation_requested",
+                    r.trigger or "",
+                    creative_id=r.underperformer.creative_id if r.underperformer else None,
+                    audience=r.audience,
+                    request_id=r.request_id,
+                    n_variants=r.n_variants,
                 )
                 log.info(
                     "generation requested", extra={"request_id": r.request_id, "trigger": r.trigger}
@@ -253,16 +249,12 @@ class LoopController:
             for failure in p.failures:
                 request_id = failure.split()[1]
                 self.reported.add(request_id)
-                await self._send(
-                    "audit",
+                await self._audit(
                     decision.campaign,
-                    audit(
-                        decision.campaign,
-                        "generation_failed",
-                        failure,
-                        audience=decision.audience,
-                        request_id=request_id,
-                    ),
+                    "generation_failed",
+                    failure,
+                    audience=decision.audience,
+                    request_id=request_id,
                 )
                 log.error(
                     "generation failed; check `adloop generator` and its log",
@@ -275,21 +267,17 @@ class LoopController:
             if r.status != "ok" or request_id in self.answered:
                 continue
             self.answered.add(request_id)
-            await self._send(
-                "audit",
+            await self._audit(
                 r.campaign,
-                audit(
-                    r.campaign,
-                    "generation_answered",
-                    f"{r.generated} variants written, {r.passed_filters} passed the filters "
-                    f"in {r.seconds:.0f} s",
-                    audience=r.audience,
-                    request_id=request_id,
-                    generated=r.generated,
-                    passed_filters=r.passed_filters,
-                    seconds=r.seconds,
-                    creative_ids=" ".join(r.creative_ids),
-                ),
+                "generation_answered",
+                f"{r.generated} variants written, {r.passed_filters} passed the filters "
+                f"in {r.seconds:.0f} s",
+                audience=r.audience,
+                request_id=request_id,
+                generated=r.generated,
+                passed_filters=r.passed_filters,
+                seconds=r.seconds,
+                creative_ids=" ".join(r.creative_ids),
             )
 
     async def retrain(self) -> int:
