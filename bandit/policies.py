@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bandit.beta import UNIFORM_PRIOR, BetaPrior
+from adloop.bandit.beta import UNIFORM_PRIOR, BetaPrior
 
 __all__ = [
     "KLUCB",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bandit.beta import UNIFORM_PRIOR, BetaPrior
+from adloop.bandit.beta import UNIFORM_PRIOR, BetaPrior
 
 __all__ = ["shrinkage_prior"]
 

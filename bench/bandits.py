@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bandit import BetaPrior
-from bandit.contextual import VowpalContextual
-from bandit.engine import CreativeEngine, EngineConfig
-from bench.simulator import Scenario, SimCreative, World
+from adloop.bandit import BetaPrior
+from adloop.bandit.contextual import VowpalContextual
+from adloop.bandit.engine import CreativeEngine, EngineConfig
+from adloop.bench.simulator import Scenario, SimCreative, World
 
 __all__ = ["SimResult", "run_comparison", "simulate"]
 

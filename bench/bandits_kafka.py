@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.simulator import Scenario, World
+from adloop.bench.simulator import Scenario, World
 
 T0 = 1_760_000_000.0
 
@@ -36,9 +36,9 @@ def run_kafka_path(impressions: int, seed: int = 7, rate: float = 5000.0) -> dic
     """adloop's default engine on the non-stationary scenario, through Kafka."""
     from kafka import KafkaProducer
 
-    from bench.harness import deployment, free_port
-    from streams.kafka import kafka_python_kwargs
-    from streams.supervisor import Supervisor
+    from adloop.bench.harness import deployment, free_port
+    from adloop.streams.kafka_io import kafka_python_kwargs
+    from adloop.streams.supervisor import Supervisor
 
     world = World(Scenario(seed=seed))
     audiences, uniforms, delays = world.traffic(impressions)

@@ -1,4 +1,4 @@
-"""Commands ``adloop replay`` and ``adloop bench all`` (registered in ``streams/cli.py``)."""
+"""Commands ``adloop replay`` and ``adloop bench all`` (registered in ``src/adloop/cli.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from streams.logs import configure_logging
+from adloop.streams.log_setup import configure_logging
 
 
 @click.command()
@@ -79,9 +79,9 @@ def replay(
     configure_logging("WARNING")
     from rich.console import Console
 
-    from bench.logs import ColumnMapping, LogFormatError, LogReader, obd_sample_path
-    from bench.replay import ReplayOptions, engine_ceiling, repeated, run_replay
-    from bench.report import print_replay, replay_plots
+    from adloop.bench.replay import ReplayOptions, engine_ceiling, repeated, run_replay
+    from adloop.bench.report import print_replay, replay_plots
+    from adloop.bench.traffic_logs import ColumnMapping, LogFormatError, LogReader, obd_sample_path
 
     console = Console(stderr=True)
     if obd_sample:
@@ -95,7 +95,7 @@ def replay(
     except (LogFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if reader.problems:
-        from bench.logs import describe_problems
+        from adloop.bench.traffic_logs import describe_problems
 
         console.print(f"[yellow]{describe_problems(reader.problems)}")
     if not records:
@@ -112,7 +112,7 @@ def replay(
     report.malformed_rows = len(reader.problems)
     report.malformed_examples = [str(p) for p in reader.problems[:20]]
     if engine:
-        from streams.config import Settings
+        from adloop.streams.config import Settings
 
         report.engine = vars(engine_ceiling(list(repeated(records, repeat)), Settings()))
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def bench_all(out: Path, quick: bool, broker: str | None) -> None:
     """The whole suite: throughput vs. the ceiling, OBD replay with verification, latency,
     lag, the engine's ceiling, off-policy evaluation, bandit comparison -> report.md."""
     configure_logging("WARNING")
-    from bench.report import run_all
+    from adloop.bench.report import run_all
 
     ok = run_all(out, quick=quick, broker=broker)
     sys.exit(0 if ok else 1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bandit import BetaPrior, CreativeEngine, EngineConfig
+from adloop.bandit import BetaPrior, CreativeEngine, EngineConfig
 
 __all__ = ["EngineSpeed", "measure"]
 

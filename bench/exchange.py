@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas import Click, Creative, Impression
+from adloop.schemas import Click, Creative, Impression
 
 HEADLINES = [
     ("c-spring-01", "Spring sale: 30% off everything"),
@@ -61,7 +61,7 @@ class Scenario:
 
     @classmethod
     def text_aware(cls, seed: int = 7, campaign: str = "shoes") -> Scenario:
-        from bench.textsim import POOL, SHARES, TextWorld
+        from adloop.bench.textsim import POOL, SHARES, TextWorld
 
         world = TextWorld(seed=seed)
         creatives = [

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas import Brief, GenerationRequest
+from adloop.schemas import Brief, GenerationRequest
 
 SAMPLES = [
     ("running shoes", "lightweight and fast, 30% off this week", "students on a budget"),
@@ -52,8 +52,8 @@ def embedding_spread(texts: list[str]) -> float:
 
 
 def run(out: Path, n_variants: int = 8, threads: int = 1) -> dict[str, Any]:
-    from generator.ctr import CtrInput, CtrScorer
-    from generator.llm import LlmConfig, SamplingConfig, VariantGenerator
+    from adloop.generator.ctr import CtrInput, CtrScorer
+    from adloop.generator.llm import LlmConfig, SamplingConfig, VariantGenerator
 
     generator = VariantGenerator(LlmConfig(cpu_threads=threads), SamplingConfig(seed=1))
     started = time.perf_counter()

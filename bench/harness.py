@@ -21,11 +21,11 @@ import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.progress import Progress
 
-from schemas import Click, Creative, Impression
-from streams.config import Settings
-from streams.kafka import consumer_kwargs, producer_kwargs
-from streams.supervisor import Supervisor
-from streams.topics import broker_with_topics
+from adloop.schemas import Click, Creative, Impression
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import consumer_kwargs, producer_kwargs
+from adloop.streams.supervisor import Supervisor
+from adloop.streams.topics import broker_with_topics
 
 log = logging.getLogger("adloop.bench")
 

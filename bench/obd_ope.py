@@ -31,7 +31,7 @@ BTS log's frequency of each item at each position (its actions only, not its rew
 as the time-averaged action distribution of the policy that actually ran.
 
 adloop's own policy is evaluated on the same random log, as adloop would run: per
-audience (``user_feature_0``, see ``bench.logs``) the bandit engine the worker runs
+audience (``user_feature_0``, see ``bench.traffic_logs``) the bandit engine the worker runs
 (``bandit.CreativeEngine`` configured by ``Settings``: by default discounted Thompson
 sampling, a one-week half-life in event time, change detection, a minimum share for
 creatives still learning and the 1 % exploration floor) over the 80 items with uniform
@@ -65,9 +65,8 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from bandit import CreativeEngine
-from bench.logs import obd_sample_path
-from bench.ope import (
+from adloop.bandit import CreativeEngine
+from adloop.bench.ope import (
     Estimate,
     direct_method,
     doubly_robust,
@@ -76,7 +75,8 @@ from bench.ope import (
     replay,
     snips,
 )
-from streams.config import Settings
+from adloop.bench.traffic_logs import obd_sample_path
+from adloop.streams.config import Settings
 
 log = logging.getLogger("adloop.bench.obd_ope")
 
@@ -98,7 +98,7 @@ class ObdLog:
 
     @property
     def audience(self) -> np.ndarray:
-        """adloop's audience per round: user_feature_0 (as in bench.logs)."""
+        """adloop's audience per round: user_feature_0 (as in bench.traffic_logs)."""
         return self.users[:, 0]
 
     def __len__(self) -> int:

@@ -1,6 +1,6 @@
 """Replay logged traffic through adloop, verify its counts, and measure it.
 
-``adloop replay LOG`` (see ``bench/cli.py``) reads a log with ``bench.logs``, starts a
+``adloop replay LOG`` (see ``bench/cli.py``) reads a log with ``bench.traffic_logs``, starts a
 deployment (embedded broker unless ``--broker``; ingest, worker and serving API as
 processes, topics of their own), registers the log's creatives on the creatives topic,
 and publishes impressions, then each click ``click_delay_s`` later, keyed by
@@ -50,11 +50,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 
-from bandit import BetaPrior
-from bench.exchange import HttpSelector
-from bench.harness import deployment, free_port, log_time, process_peaks, raw_consume_rate
-from bench.logs import LoggedImpression
-from schemas import (
+from adloop.bandit import BetaPrior
+from adloop.bench.exchange import HttpSelector
+from adloop.bench.harness import deployment, free_port, log_time, process_peaks, raw_consume_rate
+from adloop.bench.traffic_logs import LoggedImpression
+from adloop.schemas import (
     Click,
     Creative,
     CreativeCounts,
@@ -65,17 +65,17 @@ from schemas import (
     decision_key,
     split_decision_key,
 )
-from streams.config import Settings
-from streams.kafka import FetchWaitGovernor, consumer_kwargs, producer_kwargs
-from streams.posterior import (
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
+from adloop.streams.posterior import (
     PosteriorState,
     build_arms,
     build_decision,
     learn_increments,
     prior_for,
 )
-from streams.supervisor import Supervisor
-from streams.topics import ensure_topics_sync
+from adloop.streams.supervisor import Supervisor
+from adloop.streams.topics import ensure_topics_sync
 
 log = logging.getLogger("adloop.bench.replay")
 

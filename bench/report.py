@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.replay import ReplayReport
+from adloop.bench.replay import ReplayReport
 
 log = logging.getLogger("adloop.bench.report")
 
@@ -159,7 +159,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _load_obd() -> tuple[list[Any], str]:
-    from bench.logs import LogReader, obd_sample_path
+    from adloop.bench.traffic_logs import LogReader, obd_sample_path
 
     path = obd_sample_path("random/all")
     return list(LogReader(path, "obd", on_error="fail")), str(path)
@@ -210,10 +210,10 @@ def run_all(out: Path, quick: bool = False, broker: str | None = None) -> bool:
     import traceback
     from dataclasses import asdict
 
-    from bench.harness import deployment, free_port
-    from bench.replay import ReplayOptions, engine_ceiling, repeated, run_replay
-    from bench.spine import SpineReport, latency, throughput
-    from streams.config import Settings
+    from adloop.bench.harness import deployment, free_port
+    from adloop.bench.replay import ReplayOptions, engine_ceiling, repeated, run_replay
+    from adloop.bench.spine import SpineReport, latency, throughput
+    from adloop.streams.config import Settings
 
     console = Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +282,7 @@ def run_all(out: Path, quick: bool = False, broker: str | None = None) -> bool:
         replay_plots(drained, out, "preload")
 
     def ope() -> Any:
-        from bench.obd_ope import run_obd_ope
+        from adloop.bench.obd_ope import run_obd_ope
 
         return run_obd_ope("all", n_sim=100_000 if quick else 1_000_000)
 
@@ -292,7 +292,7 @@ def run_all(out: Path, quick: bool = False, broker: str | None = None) -> bool:
 
     def bandits() -> Any:
         try:
-            from bench.bandits import run_comparison
+            from adloop.bench.bandits import run_comparison
         except ImportError:
             return None
         return run_comparison(out, quick)

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.exchange import HttpSelector
-from bench.harness import (
+from adloop.bench.exchange import HttpSelector
+from adloop.bench.harness import (
     DecisionWatcher,
     deployment,
     free_port,
@@ -33,10 +33,10 @@ from bench.harness import (
     raw_consume_rate,
     synthetic_events,
 )
-from schemas import Click, Creative, Impression
-from streams.config import Settings
-from streams.kafka import kafka_python_kwargs
-from streams.supervisor import Supervisor
+from adloop.schemas import Click, Creative, Impression
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import kafka_python_kwargs
+from adloop.streams.supervisor import Supervisor
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas import Brief, Creative
+from adloop.schemas import Brief, Creative
 
 __all__ = ["TextWorld", "run_simulation"]
 
@@ -137,9 +137,9 @@ def run_once(
 ) -> RunResult:
     from kafka import KafkaProducer
 
-    from bench.harness import deployment
-    from streams.kafka import kafka_python_kwargs
-    from streams.supervisor import Supervisor
+    from adloop.bench.harness import deployment
+    from adloop.streams.kafka_io import kafka_python_kwargs
+    from adloop.streams.supervisor import Supervisor
 
     world = TextWorld(seed=seed)
     rng = np.random.default_rng(seed)
@@ -150,7 +150,7 @@ def run_once(
         if with_loop
         else ("ingest", "worker", "serve")
     )
-    from bench.harness import free_port
+    from adloop.bench.harness import free_port
 
     overrides: dict[str, Any] = {
         "api_port": free_port(),

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from schemas.records import Brief, ExampleCreative, GenerationRequest
+from adloop.schemas.records import Brief, ExampleCreative, GenerationRequest
 
 
 def audience_id(text: str) -> str:
@@ -68,11 +68,11 @@ def build_request(
 def _load_scorer(ctr_model: str | None) -> Any:
     """A CtrScorer, or None while generator.ctr is not available."""
     try:
-        from generator.ctr import CtrScorer
+        from adloop.generator.ctr import CtrScorer
     except ImportError:
         return None
     if ctr_model is None:
-        from streams.config import load_settings
+        from adloop.streams.config import load_settings
 
         settings = load_settings()
         models_dir = settings.models_dir or settings.data_dir / "models"
@@ -132,7 +132,7 @@ def generate(
     """Generate ad variants for one brief and audience, filtered and scored."""
     import msgspec
 
-    from streams.logs import configure_logging
+    from adloop.streams.log_setup import configure_logging
 
     configure_logging(log_level)
     try:
@@ -154,7 +154,7 @@ def generate(
     except msgspec.ValidationError as exc:
         raise click.UsageError(f"invalid request: {exc}") from None
 
-    from generator.llm import LlmConfig, ModelLoadError, SamplingConfig, VariantGenerator
+    from adloop.generator.llm import LlmConfig, ModelLoadError, SamplingConfig, VariantGenerator
 
     try:
         sampling = SamplingConfig(
@@ -176,7 +176,7 @@ def generate(
     scorer = None if no_score else _load_scorer(ctr_model)
     scores: list[Any] = []
     if scorer is not None and outcome.variants:
-        from generator.ctr import CtrInput
+        from adloop.generator.ctr import CtrInput
 
         scores = scorer.score(
             [

@@ -1,6 +1,6 @@
 """``adloop train-ctr``: train the CTR model from an export or from the Kafka topics.
 
-Registered on the ``adloop`` group by ``streams/cli.py``. Only click is imported at
+Registered on the ``adloop`` group by ``src/adloop/cli.py``. Only click is imported at
 module level: torch and transformers load when the command runs, so ``adloop
 --help`` stays fast.
 """
@@ -95,8 +95,8 @@ def train_ctr(
 
     from pydantic import ValidationError
 
-    from streams.config import load_settings
-    from streams.logs import configure_logging
+    from adloop.streams.config import load_settings
+    from adloop.streams.log_setup import configure_logging
 
     configure_logging(log_level)
     if bool(from_file) == from_kafka:
@@ -113,8 +113,8 @@ def train_ctr(
             "--broker/ADLOOP_BROKER (an embedded broker would start empty)"
         )
 
-    from generator.train_ctr import ExportError, TrainConfig, read_export, read_kafka_log
-    from generator.train_ctr import train_ctr as run_training
+    from adloop.generator.train_ctr import ExportError, TrainConfig, read_export, read_kafka_log
+    from adloop.generator.train_ctr import train_ctr as run_training
 
     given = {k: v for k, v in overrides.items() if v is not None}
     config = replace(TrainConfig(), progress=not no_progress, **given)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import regex
 from rapidfuzz import fuzz
 
-from generator.parsing import (
+from adloop.generator.parsing import (
     DEFAULT_SIMILARITY_THRESHOLD,
     Variant,
     dedupe,
@@ -40,8 +40,8 @@ from generator.parsing import (
     parse_variants,
     rejection,
 )
-from generator.prompts import ANSWER_PREFIX, EXAMPLE_ADS, LANGUAGE_NAMES
-from schemas.records import Brief, ExampleCreative, GenerationRequest, Rejection
+from adloop.generator.prompts import ANSWER_PREFIX, EXAMPLE_ADS, LANGUAGE_NAMES
+from adloop.schemas.records import Brief, ExampleCreative, GenerationRequest, Rejection
 
 # A small default: profanity, sexual content, violence, drugs and the claims ad
 # platforms refuse. "word*" matches the word and its longer forms (fuck, fucking).

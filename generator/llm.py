@@ -46,10 +46,10 @@ from transformers import (
     StoppingCriteria,
 )
 
-from generator.filters import Answer, FilterConfig, VariantFilter, screen_answers
-from generator.parsing import DEFAULT_SIMILARITY_THRESHOLD, Variant
-from generator.prompts import ANSWER_PREFIX, PROMPT_VERSION, PromptLimits, build_messages
-from schemas.records import GenerationRequest, Rejection
+from adloop.generator.filters import Answer, FilterConfig, VariantFilter, screen_answers
+from adloop.generator.parsing import DEFAULT_SIMILARITY_THRESHOLD, Variant
+from adloop.generator.prompts import ANSWER_PREFIX, PROMPT_VERSION, PromptLimits, build_messages
+from adloop.schemas.records import GenerationRequest, Rejection
 
 log = logging.getLogger("adloop.generator")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from rapidfuzz import fuzz
 
-from schemas.records import ExampleCreative, Rejection
+from adloop.schemas.records import ExampleCreative, Rejection
 
 
 @dataclass(frozen=True, slots=True)

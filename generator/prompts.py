@@ -26,7 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.records import ExampleCreative, GenerationRequest
+from adloop.schemas.records import ExampleCreative, GenerationRequest
 
 # Part of every generated creative's lineage: bump it whenever the text below or the
 # data block's layout changes, so results stay attributable to the prompt that made them.

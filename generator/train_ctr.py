@@ -65,7 +65,7 @@ from typing import Annotated, Any, NamedTuple
 import msgspec
 import numpy as np
 
-from generator.ctr import (
+from adloop.generator.ctr import (
     CARD_JSON,
     CARD_MD,
     INPUT_TEMPLATE,
@@ -949,12 +949,12 @@ def _prune(root: Path, keep: int) -> None:
 
 def _true_end_offsets(settings: Any, listed: dict[Any, int]) -> dict[Any, int]:
     """End offsets as a fetch reports them (the embedded broker lists less, see
-    ``streams.kafka.fetched_end_offsets``)."""
+    ``streams.kafka_io.fetched_end_offsets``)."""
     import asyncio
 
     from aiokafka.structs import TopicPartition as AioTopicPartition
 
-    from streams.kafka import consumer_kwargs, fetched_end_offsets
+    from adloop.streams.kafka_io import consumer_kwargs, fetched_end_offsets
 
     by_aio = {AioTopicPartition(tp.topic, tp.partition): tp for tp in listed}
     fetched = asyncio.run(
@@ -974,7 +974,7 @@ def _read_topic(
     DEVELOPERS.md)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from streams.kafka import kafka_python_kwargs
+    from adloop.streams.kafka_io import kafka_python_kwargs
 
     consumer = KafkaConsumer(
         **kafka_python_kwargs(
@@ -1025,8 +1025,8 @@ def read_kafka_log(
     needs a bounded read, and recent traffic is what the next variants will meet.
 
     ``records(topic)`` may replace the Kafka reader (tests)."""
-    from schemas import Click, Creative, Impression
-    from schemas.validation import InvalidRecord, RecordDecoder
+    from adloop.schemas import Click, Creative, Impression
+    from adloop.schemas.validation import InvalidRecord, RecordDecoder
 
     deadline = time.monotonic() + timeout_s
 

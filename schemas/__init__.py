@@ -1,6 +1,6 @@
 """Versioned wire records: events from the exchange, creatives, decisions, dead letters."""
 
-from schemas.records import (
+from adloop.schemas.records import (
     SCHEMA_VERSION,
     AuditEntry,
     Brief,
@@ -23,7 +23,7 @@ from schemas.records import (
     decision_key,
     split_decision_key,
 )
-from schemas.validation import InvalidRecord, RecordDecoder
+from adloop.schemas.validation import InvalidRecord, RecordDecoder
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import msgspec
 
-from schemas.records import RECORD_TYPES, SCHEMA_VERSION
+from adloop.schemas.records import RECORD_TYPES, SCHEMA_VERSION
 
-SCHEMA_DIR = Path(__file__).parent / "json"
+SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 
 
 def render_all() -> dict[str, str]:

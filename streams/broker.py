@@ -45,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import asyncio
 
-    from streams.config import Settings
+    from adloop.streams.config import Settings
 
 log = logging.getLogger("adloop.broker")
 

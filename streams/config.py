@@ -167,7 +167,7 @@ class Settings(BaseSettings):
     # --- derived -----------------------------------------------------------------
     def engine_config(self) -> Any:
         """The bandit engine's configuration (bandit.EngineConfig) from these settings."""
-        from bandit import EngineConfig
+        from adloop.bandit import EngineConfig
 
         return EngineConfig(
             policy="discounted_thompson" if self.policy == "contextual" else self.policy,

@@ -22,7 +22,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 from msgspec import structs
 
-from schemas import (
+from adloop.schemas import (
     AuditEntry,
     CampaignSettings,
     Creative,
@@ -31,11 +31,11 @@ from schemas import (
     StatusChange,
     decision_key,
 )
-from streams.config import Settings, TopicRole
-from streams.follower import TopicFollower
-from streams.kafka import producer_kwargs
-from streams.loop import LoopRules, Retirement, plan
-from streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.config import Settings, TopicRole
+from adloop.streams.follower import TopicFollower
+from adloop.streams.kafka_io import producer_kwargs
+from adloop.streams.loop import LoopRules, Retirement, plan
+from adloop.streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.loop")
 
@@ -115,7 +115,7 @@ def retire_in_audience(creative: Creative, retirement: Retirement, actor: str) -
 
 class LoopController:
     def __init__(self, settings: Settings, rules: LoopRules | None = None) -> None:
-        from streams.serving import DecisionFollower
+        from adloop.streams.serving import DecisionFollower
 
         self.settings = settings
         self.rules = rules or LoopRules(request_timeout_s=settings.generation_timeout_s)
@@ -283,14 +283,14 @@ class LoopController:
     async def retrain(self) -> int:
         """Train a new CTR model version from the topics (a child process, so the loop
         keeps ticking); the generator reloads it. Returns the exit code."""
-        from streams.broker import _die_with_parent_preexec
-        from streams.supervisor import settings_env
+        from adloop.streams.broker import _die_with_parent_preexec
+        from adloop.streams.supervisor import settings_env
 
         s = self.settings
         args = [
             sys.executable,
             "-m",
-            "streams.cli",
+            "adloop",
             "train-ctr",
             "--from-kafka",
             "--no-progress",
@@ -347,6 +347,6 @@ class LoopController:
 
 
 def run_loop(settings: Settings) -> None:
-    from streams.broker import run_until_signal
+    from adloop.streams.broker import run_until_signal
 
     run_until_signal(LoopController(settings).run, log)

@@ -26,7 +26,7 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
 from faust.types import TP
 
-from streams.kafka import FetchWaitGovernor, fetched_end_offsets
+from adloop.streams.kafka_io import FetchWaitGovernor, fetched_end_offsets
 
 SCHEME = "adloop-kafka"
 

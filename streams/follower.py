@@ -12,8 +12,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.config import Settings, TopicRole
-from streams.kafka import FetchWaitGovernor, consumer_kwargs
+from adloop.streams.config import Settings, TopicRole
+from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs
 
 log = logging.getLogger("adloop.follower")
 

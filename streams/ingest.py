@@ -48,7 +48,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from rocksdict import Options, Rdict, WriteBatch
 
-from schemas import (
+from adloop.schemas import (
     Click,
     Conversion,
     CreativeCounts,
@@ -59,10 +59,10 @@ from schemas import (
     RecordDecoder,
     decision_key,
 )
-from streams.broker import install_shutdown_signals
-from streams.config import Settings
-from streams.kafka import FetchWaitGovernor, consumer_kwargs, producer_kwargs
-from streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.broker import install_shutdown_signals
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
+from adloop.streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.ingest")
 

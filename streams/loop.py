@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from msgspec import structs
 
-from schemas import (
+from adloop.schemas import (
     Brief,
     CampaignSettings,
     Creative,

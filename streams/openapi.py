@@ -12,8 +12,8 @@ from typing import Any
 
 import msgspec
 
-from schemas import CampaignSettings, Creative, Decision
-from streams.serving import (
+from adloop.schemas import CampaignSettings, Creative, Decision
+from adloop.streams.serving import (
     BatchSelectRequest,
     BatchSelectResponse,
     BestResponse,
@@ -23,9 +23,9 @@ from streams.serving import (
     SelectRequest,
     SelectResponse,
 )
-from streams.steering import Action, AuditTrail, ReviewQueue, SettingsUpdate, Story
+from adloop.streams.steering import Action, AuditTrail, ReviewQueue, SettingsUpdate, Story
 
-OPENAPI_PATH = Path(__file__).parent / "openapi.json"
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
 
 _CAMPAIGN = {"name": "campaign", "in": "path", "required": True, "schema": {"type": "string"}}
 _AUDIENCE = {"name": "audience", "in": "path", "required": True, "schema": {"type": "string"}}

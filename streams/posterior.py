@@ -1,6 +1,6 @@
 """Pure logic of the posterior table: merge outcome snapshots, build decisions.
 
-No Faust, no Kafka: the agent in ``streams.app`` is a thin adapter around this.
+No Faust, no Kafka: the agent in ``streams.worker`` is a thin adapter around this.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from bandit import BetaArms, BetaPrior, CreativeEngine, EngineConfig
-from bandit.contextual import VowpalContextual
-from schemas import (
+from adloop.bandit import BetaArms, BetaPrior, CreativeEngine, EngineConfig
+from adloop.bandit.contextual import VowpalContextual
+from adloop.schemas import (
     Creative,
     CreativeCounts,
     Decision,

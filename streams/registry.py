@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from schemas import Creative
-from streams.config import Settings
-from streams.follower import TopicFollower
+from adloop.schemas import Creative
+from adloop.streams.config import Settings
+from adloop.streams.follower import TopicFollower
 
 log = logging.getLogger("adloop.registry")
 

@@ -23,15 +23,15 @@ import numpy as np
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from bandit import BetaPrior, CreativeEngine
-from schemas import Creative, Decision, RecordDecoder, decision_key
-from schemas.records import ContextValue, Identifier
-from schemas.validation import InvalidRecord
-from streams.config import Settings
-from streams.follower import TopicFollower
-from streams.kafka import producer_kwargs
-from streams.posterior import prior_for
-from streams.registry import CreativeRegistry, RegistryFollower
+from adloop.bandit import BetaPrior, CreativeEngine
+from adloop.schemas import Creative, Decision, RecordDecoder, decision_key
+from adloop.schemas.records import ContextValue, Identifier
+from adloop.schemas.validation import InvalidRecord
+from adloop.streams.config import Settings
+from adloop.streams.follower import TopicFollower
+from adloop.streams.kafka_io import producer_kwargs
+from adloop.streams.posterior import prior_for
+from adloop.streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.serve")
 
@@ -163,7 +163,7 @@ class ServingApi:
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
         self._batch_decoder = msgspec.json.Decoder(BatchSelectRequest)
         self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
-        from streams.steering import Steering
+        from adloop.streams.steering import Steering
 
         self.steering = Steering(self)
 

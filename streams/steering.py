@@ -25,11 +25,11 @@ import msgspec
 from aiohttp import web
 from msgspec import structs
 
-from schemas import AuditEntry, Brief, CampaignSettings, Creative, StatusChange
-from streams.controller import RecordFollower, audit
+from adloop.schemas import AuditEntry, Brief, CampaignSettings, Creative, StatusChange
+from adloop.streams.controller import RecordFollower, audit
 
 if TYPE_CHECKING:
-    from streams.serving import ServingApi
+    from adloop.streams.serving import ServingApi
 
 _json = msgspec.json.Encoder()
 Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]

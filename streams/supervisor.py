@@ -18,8 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from streams.broker import _die_with_parent_preexec
-from streams.config import Settings
+from adloop.streams.broker import _die_with_parent_preexec
+from adloop.streams.config import Settings
 
 log = logging.getLogger("adloop.supervisor")
 
@@ -58,7 +58,7 @@ class Supervisor:
         for name in (role,) if role else self.roles:
             out = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
             self.children[name] = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", name],
+                [sys.executable, "-m", "adloop", name],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

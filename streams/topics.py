@@ -28,7 +28,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from streams.config import TOPIC_ROLES, Settings, TopicRole
+from adloop.streams.config import TOPIC_ROLES, Settings, TopicRole
 
 log = logging.getLogger("adloop.topics")
 
@@ -220,7 +220,7 @@ def ensure_topics_sync(settings: Settings, specs: dict[str, TopicSpec] | None = 
 def broker_with_topics(settings: Settings) -> Iterator[Settings]:
     """``settings`` with a reachable broker (embedded unless configured, stopped on
     exit) and adloop's topics created."""
-    from streams.broker import ensure_broker
+    from adloop.streams.broker import ensure_broker
 
     settings, embedded = ensure_broker(settings)
     if embedded is not None:

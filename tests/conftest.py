@@ -1,21 +1,13 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
 
-# Plain `pytest` (not `python -m pytest`) on an uninstalled checkout: make the
-# repository's packages importable. Redundant once pyproject sets
-# [tool.pytest.ini_options] pythonpath = ["."] or the project is pip-installed.
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from streams.broker import EmbeddedBroker  # noqa: E402
-from streams.config import Settings  # noqa: E402
+from adloop.streams.broker import EmbeddedBroker
+from adloop.streams.config import Settings
 
 
 @pytest.fixture(scope="session")

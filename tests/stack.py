@@ -10,13 +10,13 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from bench.exchange import HttpSelector
-from bench.harness import free_port
-from schemas import Creative
-from streams.config import Settings
-from streams.kafka import kafka_python_kwargs
-from streams.supervisor import Supervisor
-from streams.topics import ensure_topics_sync
+from adloop.bench.exchange import HttpSelector
+from adloop.bench.harness import free_port
+from adloop.schemas import Creative
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import kafka_python_kwargs
+from adloop.streams.supervisor import Supervisor
+from adloop.streams.topics import ensure_topics_sync
 
 
 class Stack:
@@ -108,3 +108,33 @@ class Stack:
                 letters.append(letter)
         consumer.close()
         return letters
+
+
+#: Event time of the test events (fixed: the counting rules run on event time).
+T0 = 1_760_000_000.0
+
+
+def imp(
+    impression_id: str,
+    creative: str,
+    audience: str = "students",
+    campaign: str = "spring",
+    ts: float = T0,
+    **extra: object,
+) -> dict:
+    return {
+        "schema_version": 1,
+        "impression_id": impression_id,
+        "timestamp": ts,
+        "campaign": campaign,
+        "audience": audience,
+        "placement": "feed",
+        "creative_id": creative,
+        "propensity": 0.5,
+        "policy": "thompson",
+        **extra,
+    }
+
+
+def click(impression_id: str, ts: float = T0 + 5) -> dict:
+    return {"schema_version": 1, "impression_id": impression_id, "timestamp": ts}

@@ -21,9 +21,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from streams.broker import BrokerStartError, EmbeddedBroker, ensure_broker
-from streams.config import TOPIC_ROLES, Settings
-from streams.topics import (
+from adloop.streams.broker import BrokerStartError, EmbeddedBroker, ensure_broker
+from adloop.streams.config import TOPIC_ROLES, Settings
+from adloop.streams.topics import (
     COMPACTED_ROLES,
     TopicMismatchError,
     TopicSpec,
@@ -79,7 +79,7 @@ def child_with_broker(
     script = textwrap.dedent(
         """
         import sys, time
-        from streams.broker import EmbeddedBroker, install_shutdown_signals
+        from adloop.streams.broker import EmbeddedBroker, install_shutdown_signals
         broker = EmbeddedBroker(log_dir={log_dir!r}).start()
         {extra}
         print(broker.pid, flush=True)
@@ -306,7 +306,7 @@ def test_end_offsets_count_every_record_of_the_last_batch(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.structs import TopicPartition as AioTP
 
-    from streams.kafka import consumer_kwargs, fetched_end_offsets, producer_kwargs
+    from adloop.streams.kafka_io import consumer_kwargs, fetched_end_offsets, producer_kwargs
 
     topic = settings.topic("impressions") + ".ends"
     tp, empty = AioTP(topic, 0), AioTP(topic, 1)
@@ -341,7 +341,7 @@ def test_a_consumer_keeps_reading_a_partition_of_many_batches(
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from aiokafka.structs import TopicPartition as AioTP
 
-    from streams.kafka import FetchWaitGovernor, consumer_kwargs, producer_kwargs
+    from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
 
     topic = settings.topic("impressions") + ".many-batches"
     tp, batches = AioTP(topic, 0), 3000

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from schemas import Creative
-from streams.config import Settings
-from tests.stack import Stack
-from tests.test_pipeline import click, imp
+from adloop.schemas import Creative
+from adloop.streams.config import Settings
+
+from stack import Stack, click, imp
 
 pytestmark = pytest.mark.integration
 

@@ -20,10 +20,17 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import log_loss
 
-from generator.ctr import CARD_JSON, CARD_MD, CtrInput, CtrScorer, read_pointer, write_pointer
-from generator.ctr_cli import HELP_DEFAULTS
-from generator.simlogs import SimConfig, simulate, write_jsonl
-from generator.train_ctr import (
+from adloop.generator.ctr import (
+    CARD_JSON,
+    CARD_MD,
+    CtrInput,
+    CtrScorer,
+    read_pointer,
+    write_pointer,
+)
+from adloop.generator.ctr_cli import HELP_DEFAULTS
+from adloop.generator.simlogs import SimConfig, simulate, write_jsonl
+from adloop.generator.train_ctr import (
     Aggregated,
     ExportError,
     RowKey,
@@ -38,7 +45,7 @@ from generator.train_ctr import (
     split_by_time,
     train_ctr,
 )
-from streams.config import Settings
+from adloop.streams.config import Settings
 
 # Strong, learnable signal (audience × theme, placement), many impressions per row so
 # labels are not noise, few rows so steps are few.
@@ -359,7 +366,7 @@ def test_per_creative_baseline_smooths_towards_the_global_rate() -> None:
 
 
 def test_cli_says_a_broker_is_needed_for_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams.cli import main
+    from adloop.cli import main
 
     monkeypatch.delenv("ADLOOP_BROKER", raising=False)
     result = CliRunner().invoke(main, ["train-ctr", "--from-kafka"])
@@ -370,7 +377,7 @@ def test_cli_says_a_broker_is_needed_for_kafka(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_cli_reports_a_bad_export(tmp_path: Path) -> None:
-    from streams.cli import main
+    from adloop.cli import main
 
     path = tmp_path / "bad.jsonl"
     path.write_text("not json\n")
@@ -388,8 +395,8 @@ def test_cli_help_shows_the_real_defaults() -> None:
 def test_kafka_log_reads_the_topics_to_the_end(settings: Settings) -> None:
     from kafka import KafkaProducer
 
-    from streams.kafka import kafka_python_kwargs
-    from streams.topics import ensure_topics_sync
+    from adloop.streams.kafka_io import kafka_python_kwargs
+    from adloop.streams.topics import ensure_topics_sync
 
     ensure_topics_sync(settings)
     producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, settings, acks="all"))
@@ -430,7 +437,7 @@ def test_kafka_log_reads_the_topics_to_the_end(settings: Settings) -> None:
 def test_backbone_falls_back_to_the_shipped_weights_offline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from generator import ctr
+    from adloop.generator import ctr
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, _, source = ctr.load_backbone("nobody/no-such-model")

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.harness import free_port
+from adloop.bench.harness import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ def _demo(tmp_path: Path) -> str:
         [
             sys.executable,
             "-m",
-            "streams.cli",
+            "adloop",
             "demo",
             "--events",
             "1500",

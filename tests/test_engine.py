@@ -10,12 +10,12 @@ import pytest
 from scipy.optimize import brentq
 from scipy.special import betaln
 
-from bandit import BetaPrior, CreativeEngine, EngineConfig, make_policy
-from bandit.analysis import LabelRules, guard_exploration, label_arms, summarize
-from bandit.contextual import VowpalContextual
-from bandit.detect import CusumDetector, judge
-from bandit.policies import KLUCB, ArmStats, EpsilonGreedy, ThompsonSampling, Uniform
-from bandit.priors import shrinkage_prior
+from adloop.bandit import BetaPrior, CreativeEngine, EngineConfig, make_policy
+from adloop.bandit.analysis import LabelRules, guard_exploration, label_arms, summarize
+from adloop.bandit.contextual import VowpalContextual
+from adloop.bandit.detect import CusumDetector, judge
+from adloop.bandit.policies import KLUCB, ArmStats, EpsilonGreedy, ThompsonSampling, Uniform
+from adloop.bandit.priors import shrinkage_prior
 
 # -- conjugate updates and discounting -------------------------------------------------
 

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from schemas import Creative
-from streams.config import Settings
-from tests.stack import Stack
+from adloop.schemas import Creative
+from adloop.streams.config import Settings
+
+from stack import Stack
 
 pytestmark = pytest.mark.integration
 

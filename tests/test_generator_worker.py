@@ -14,11 +14,11 @@ import msgspec
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from schemas import Brief, ExampleCreative, GenerationRequest
-from streams.config import Settings
-from streams.kafka import kafka_python_kwargs
-from streams.supervisor import Supervisor
-from streams.topics import ensure_topics_sync
+from adloop.schemas import Brief, ExampleCreative, GenerationRequest
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import kafka_python_kwargs
+from adloop.streams.supervisor import Supervisor
+from adloop.streams.topics import ensure_topics_sync
 
 pytestmark = pytest.mark.integration
 

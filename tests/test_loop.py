@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from msgspec import structs
 
-from schemas import (
+from adloop.schemas import (
     Brief,
     CampaignSettings,
     Creative,
@@ -13,7 +13,7 @@ from schemas import (
     Lineage,
     RankedCreative,
 )
-from streams.loop import LoopRules, plan
+from adloop.streams.loop import LoopRules, plan
 
 NOW = 1_760_000_000.0
 BRIEF = Brief(product="running shoes", key_message="light and fast")

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from schemas import Creative
-from streams.config import Settings
-from streams.supervisor import Supervisor
-from tests.stack import Stack
+from adloop.schemas import Creative
+from adloop.streams.config import Settings
+from adloop.streams.supervisor import Supervisor
+
+from stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -171,8 +172,8 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     # generator's scorer looks for it.
     import asyncio
 
-    from generator.ctr import CtrScorer
-    from streams.controller import LoopController
+    from adloop.generator.ctr import CtrScorer
+    from adloop.streams.controller import LoopController
 
     controller = LoopController(stack.settings.with_overrides(ctr_retrain_max_steps=4))
     assert asyncio.run(controller.retrain()) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.ope import Z95, doubly_robust, ips, replay, snips
+from adloop.bench.ope import Z95, doubly_robust, ips, replay, snips
 
 # Four logged rounds, two actions, logging policy chose with these propensities.
 ACTIONS = np.array([0, 1, 0, 1])

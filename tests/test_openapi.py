@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from streams.config import Settings
-from streams.openapi import OPENAPI_PATH, stale
-from streams.serving import ServingApi
+from adloop.streams.config import Settings
+from adloop.streams.openapi import OPENAPI_PATH, stale
+from adloop.streams.serving import ServingApi
 
 
 def test_committed_openapi_is_current() -> None:

@@ -14,40 +14,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from schemas import Creative
-from streams.config import Settings
-from tests.stack import Stack
+from adloop.schemas import Creative
+from adloop.streams.config import Settings
+
+from stack import T0, Stack, click, imp
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_760_000_000.0
 WINDOW = 600.0
-
-
-def imp(
-    impression_id: str,
-    creative: str,
-    audience: str = "students",
-    campaign: str = "spring",
-    ts: float = T0,
-    **extra: object,
-) -> dict:
-    return {
-        "schema_version": 1,
-        "impression_id": impression_id,
-        "timestamp": ts,
-        "campaign": campaign,
-        "audience": audience,
-        "placement": "feed",
-        "creative_id": creative,
-        "propensity": 0.5,
-        "policy": "thompson",
-        **extra,
-    }
-
-
-def click(impression_id: str, ts: float = T0 + 5) -> dict:
-    return {"schema_version": 1, "impression_id": impression_id, "timestamp": ts}
 
 
 @pytest.fixture

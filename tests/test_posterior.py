@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bandit import EngineConfig
-from schemas import Creative, CreativeCounts, OutcomeSnapshot
-from streams.posterior import (
+from adloop.bandit import EngineConfig
+from adloop.schemas import Creative, CreativeCounts, OutcomeSnapshot
+from adloop.streams.posterior import (
     PosteriorState,
     build_decision,
     decode_state,

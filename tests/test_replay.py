@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bench.logs import ColumnMapping, LogFormatError, LogReader, read_log
-from bench.obd_ope import (
+from adloop.bench.obd_ope import (
     ObdLog,
     adloop_probabilities,
     bts_action_dist,
@@ -20,8 +19,8 @@ from bench.obd_ope import (
     load_obd,
     run_obd_ope,
 )
-from bench.ope import Z95
-from bench.replay import (
+from adloop.bench.ope import Z95
+from adloop.bench.replay import (
     ReplayOptions,
     by_creative,
     compare_counts,
@@ -32,7 +31,8 @@ from bench.replay import (
     repeated,
     run_replay,
 )
-from streams.config import Settings
+from adloop.bench.traffic_logs import ColumnMapping, LogFormatError, LogReader, read_log
+from adloop.streams.config import Settings
 
 T0 = 1_760_000_000.0
 
@@ -384,7 +384,7 @@ def test_replay_round_trip_verifies_counts(settings: Settings, tmp_path: Path) -
 def test_replay_command_stops_at_a_malformed_row_with_on_error_fail(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from streams.cli import main
+    from adloop.cli import main
 
     log = write_jsonl(tmp_path / "log.jsonl", [row(0), "{oops", row(2)])
     result = CliRunner().invoke(main, ["replay", str(log), "--on-error", "fail"])

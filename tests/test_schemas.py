@@ -7,8 +7,8 @@ import json
 import msgspec
 import pytest
 
-from schemas import Click, Creative, Impression, InvalidRecord, RecordDecoder
-from schemas.jsonschema import SCHEMA_DIR, render_all, stale_files
+from adloop.schemas import Click, Creative, Impression, InvalidRecord, RecordDecoder
+from adloop.schemas.jsonschema import SCHEMA_DIR, render_all, stale_files
 
 VALID = {
     "schema_version": 1,

@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas import (
+from adloop.schemas import (
     CampaignSettings,
     Creative,
     DeadLetter,
@@ -42,9 +42,9 @@ from schemas import (
     Lineage,
     StatusChange,
 )
-from streams.config import Settings
-from streams.controller import RecordFollower
-from streams.kafka import consumer_kwargs, producer_kwargs
+from adloop.streams.config import Settings
+from adloop.streams.controller import RecordFollower
+from adloop.streams.kafka_io import consumer_kwargs, producer_kwargs
 
 log = logging.getLogger("adloop.generator")
 _json = msgspec.json.Encoder()
@@ -153,7 +153,7 @@ class GeneratorWorker:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if self._generator is None:
-            from generator.llm import LlmConfig, SamplingConfig, VariantGenerator
+            from adloop.generator.llm import LlmConfig, SamplingConfig, VariantGenerator
 
             self._generator = VariantGenerator(
                 LlmConfig(model_id=self.settings.llm_model, cpu_threads=threads),
@@ -161,7 +161,7 @@ class GeneratorWorker:
             )
             self._generator.loaded  # noqa: B018 - load now, to fail early and clearly
         if self._scorer is None:
-            from generator.ctr import CtrScorer
+            from adloop.generator.ctr import CtrScorer
 
             self._scorer = CtrScorer.load(self.models_dir)
         return self._generator, self._scorer
@@ -171,7 +171,7 @@ class GeneratorWorker:
         return self.settings.models_dir or self.settings.data_dir / "models"
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[tuple[Any, list[Any]]]:
-        from generator.ctr import CtrInput
+        from adloop.generator.ctr import CtrInput
 
         generator, scorer = self._models()
         scorer.maybe_reload()  # a newly trained CTR model, without a restart
@@ -383,6 +383,6 @@ class GeneratorWorker:
 
 
 def run_generator(settings: Settings) -> None:
-    from streams.broker import run_until_signal
+    from adloop.streams.broker import run_until_signal
 
     run_until_signal(GeneratorWorker(settings).run, log)

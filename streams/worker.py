@@ -19,11 +19,11 @@ import faust
 import msgspec
 import numpy as np
 
-from bandit import BetaPrior
-from bandit.priors import shrinkage_prior
-from schemas import Creative, OutcomeSnapshot, split_decision_key
-from streams.config import Settings
-from streams.posterior import (
+from adloop.bandit import BetaPrior
+from adloop.bandit.priors import shrinkage_prior
+from adloop.schemas import Creative, OutcomeSnapshot, split_decision_key
+from adloop.streams.config import Settings
+from adloop.streams.posterior import (
     DEFAULT_PRIOR_STRENGTH,
     PosteriorState,
     build_decision,
@@ -32,7 +32,7 @@ from streams.posterior import (
     learn_increments,
     prior_for,
 )
-from streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.registry import CreativeRegistry, RegistryFollower
 
 log = logging.getLogger("adloop.worker")
 
@@ -54,8 +54,8 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     """faust.App keyword arguments derived from our Settings (pass-through last)."""
     scheme = "kafka"
     if settings.fetch_max_wait_ms is not None:
-        from streams.faust_transport import register
-        from streams.kafka import consumer_kwargs
+        from adloop.streams.faust_transport import register
+        from adloop.streams.kafka_io import consumer_kwargs
 
         scheme = register(settings.fetch_max_wait_ms, consumer_kwargs(settings))
     conf: dict[str, Any] = {

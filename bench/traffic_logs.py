@@ -57,10 +57,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas import Impression
-from schemas.records import Identifier
+from adloop.schemas import Impression
+from adloop.schemas.records import Identifier
 
-log = logging.getLogger("adloop.bench.logs")
+log = logging.getLogger("adloop.bench.traffic_logs")
 
 LogFormat = Literal["auto", "jsonl", "csv", "parquet", "obd"]
 OnError = Literal["skip", "fail"]

@@ -12,10 +12,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from bench.exchange import HttpSelector, Scenario, SimulatedExchange
-from streams.config import Settings
-from streams.kafka import kafka_python_kwargs
-from streams.supervisor import LOOP_ROLES, ROLES, Supervisor
+from adloop.bench.exchange import HttpSelector, Scenario, SimulatedExchange
+from adloop.streams.config import Settings
+from adloop.streams.kafka_io import kafka_python_kwargs
+from adloop.streams.supervisor import LOOP_ROLES, ROLES, Supervisor
 
 log = logging.getLogger("adloop.demo")
 
@@ -236,7 +236,7 @@ def _opt_in(api: HttpSelector, campaign: str) -> None:
     """The demo advertiser's settings: a brief, and auto-approval (it is a demo)."""
     import msgspec
 
-    from bench.textsim import BRIEF, DESCRIPTIONS
+    from adloop.bench.textsim import BRIEF, DESCRIPTIONS
 
     body = {
         "actor": "human:demo-advertiser",

@@ -18,9 +18,9 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from streams.config import Settings, load_settings
-from streams.logs import configure_logging
-from streams.topics import broker_with_topics
+from adloop.streams.config import Settings, load_settings
+from adloop.streams.log_setup import configure_logging
+from adloop.streams.topics import broker_with_topics
 
 log = logging.getLogger("adloop.cli")
 
@@ -60,7 +60,7 @@ def broker(**flags: Any) -> None:
     settings = _load(**flags)
     import threading
 
-    from streams.broker import install_shutdown_signals
+    from adloop.streams.broker import install_shutdown_signals
 
     with broker_with_topics(settings) as live:
         click.echo(f"broker ready: export ADLOOP_BROKER={live.broker}")
@@ -78,7 +78,7 @@ def topics(**flags: Any) -> None:
         raise click.UsageError(
             "set --broker or ADLOOP_BROKER: topics on an embedded broker vanish when it stops"
         )
-    from streams.topics import ensure_topics_sync
+    from adloop.streams.topics import ensure_topics_sync
 
     ensure_topics_sync(settings)
     click.echo("topics ready")
@@ -88,7 +88,7 @@ def _interrupt_on_signals() -> None:
     """SIGTERM (and SIGINT, even if inherited as ignored) raise KeyboardInterrupt, so
     `up` and `demo` unwind through the same clean shutdown as Ctrl-C; a second
     signal kills at once."""
-    from streams.broker import install_shutdown_signals
+    from adloop.streams.broker import install_shutdown_signals
 
     def interrupt() -> None:
         raise KeyboardInterrupt
@@ -110,7 +110,7 @@ def ingest(**flags: Any) -> None:
     """Run the ingest stage: validate, join and pre-aggregate exchange events."""
     settings = _load(**flags)
     _needs_broker(settings, "ingest")
-    from streams.ingest import run_ingest
+    from adloop.streams.ingest import run_ingest
 
     try:
         import uvloop
@@ -127,7 +127,7 @@ def worker(**flags: Any) -> None:
     """Run the Faust worker: posterior table and decisions."""
     settings = _load(**flags)
     _needs_broker(settings, "worker")
-    from streams.app import run_worker
+    from adloop.streams.worker import run_worker
 
     sys.argv = [sys.argv[0], "worker"]  # Faust's Worker parses argv
     run_worker(settings)
@@ -139,7 +139,7 @@ def serve(**flags: Any) -> None:
     """Run the serving API (select, best creative, creative registration)."""
     settings = _load(**flags)
     _needs_broker(settings, "serve")
-    from streams.serving import run_serving
+    from adloop.streams.serving import run_serving
 
     run_serving(settings)
 
@@ -150,7 +150,7 @@ def loop_(**flags: Any) -> None:
     """Run the loop controller: underperformers -> generation requests -> retirements."""
     settings = _load(**flags)
     _needs_broker(settings, "loop")
-    from streams.controller import run_loop
+    from adloop.streams.controller import run_loop
 
     run_loop(settings)
 
@@ -161,7 +161,7 @@ def generator_(**flags: Any) -> None:
     """Run the generator worker: generation requests -> scored candidate creatives."""
     settings = _load(**flags)
     _needs_broker(settings, "generator")
-    from generator.worker import run_generator
+    from adloop.streams.generator_worker import run_generator
 
     run_generator(settings)
 
@@ -181,7 +181,7 @@ def up(loop: bool, **flags: Any) -> None:
     _interrupt_on_signals()
     import time
 
-    from streams.supervisor import LOOP_ROLES, ROLES, Supervisor
+    from adloop.streams.supervisor import LOOP_ROLES, ROLES, Supervisor
 
     roles = ROLES + LOOP_ROLES if loop else ROLES
     with broker_with_topics(settings) as live, Supervisor(live, roles=roles) as sup:
@@ -227,7 +227,7 @@ def demo(events: int, rate: float, seed: int, no_live: bool, loop: bool, **flags
     """The main job: embedded broker + adloop + a simulated exchange, with a live view."""
     settings = _load(**flags)
     _interrupt_on_signals()
-    from streams.demo import run_demo
+    from adloop.demo import run_demo
 
     with broker_with_topics(settings) as live:
         summary = run_demo(
@@ -254,7 +254,7 @@ def bench() -> None:
 def bench_spine(events: int, broker: str | None, out: Path) -> None:
     """Throughput vs. the raw-consume ceiling, click->decision and select latency."""
     configure_logging("WARNING")
-    from bench.spine import run
+    from adloop.bench.spine import run
 
     run(events, broker, out)
 
@@ -289,9 +289,9 @@ def bench_bandits(
     """adloop's engine vs MABWiser, Vowpal Wabbit, uniform and the oracle; engine speed."""
     configure_logging("WARNING")
     if kafka_impressions:
-        from bench.bandits import AdloopAgent, sim_engine_config, simulate
-        from bench.bandits_kafka import run_kafka_path
-        from bench.simulator import Scenario, World
+        from adloop.bench.bandits import AdloopAgent, sim_engine_config, simulate
+        from adloop.bench.bandits_kafka import run_kafka_path
+        from adloop.bench.simulator import Scenario, World
 
         world = World(Scenario(seed=seed))
         fast = simulate(world, AdloopAgent(world, sim_engine_config(), "adloop"), kafka_impressions)
@@ -308,9 +308,9 @@ def bench_bandits(
         )
         click.echo(line)
         return
-    from bench.bandits import run_comparison
-    from bench.engine_speed import markdown
-    from bench.engine_speed import run as run_speed
+    from adloop.bench.bandits import run_comparison
+    from adloop.bench.engine_speed import markdown
+    from adloop.bench.engine_speed import run as run_speed
 
     which = {p.strip() for p in policies.split(",")} if policies else None
     summary = run_comparison(out, impressions=impressions, seed=seed, which=which)
@@ -333,7 +333,7 @@ def bench_bandits(
 def bench_generator(variants: int, threads: int, out: Path) -> None:
     """Seconds per request, variants/s, pass rate, diversity; CTR scoring rate."""
     configure_logging("WARNING")
-    from bench.generation import run as run_generation
+    from adloop.bench.generation import run as run_generation
 
     s = run_generation(out, variants, threads)
     click.echo(json.dumps({k: v for k, v in s.items() if k != "requests"}, indent=2))
@@ -364,7 +364,7 @@ def bench_generator(variants: int, threads: int, out: Path) -> None:
 def simulate(impressions: int, rate: float, pool_rate: float | None, seed: int, out: Path) -> None:
     """Text-aware exchange: the initial pool alone vs the full loop (lift, plot, loop stats)."""
     configure_logging("WARNING")
-    from bench.textsim import run_simulation
+    from adloop.bench.textsim import run_simulation
 
     def progress(name: str, sent: int, ctr: float) -> None:
         click.echo(f"{name}: {sent:,} impressions, CTR so far {ctr:.3%}")
@@ -382,9 +382,9 @@ def simulate(impressions: int, rate: float, pool_rate: float | None, seed: int, 
 @click.option("--write", is_flag=True, help="regenerate the committed files")
 def schemas(write: bool) -> None:
     """Check (or --write) the JSON Schema and OpenAPI files generated from the code."""
-    from schemas.jsonschema import stale_files, write_all
-    from streams.openapi import stale as openapi_stale
-    from streams.openapi import write as openapi_write
+    from adloop.schemas.jsonschema import stale_files, write_all
+    from adloop.streams.openapi import stale as openapi_stale
+    from adloop.streams.openapi import write as openapi_write
 
     if write:
         for path in write_all():
@@ -397,16 +397,16 @@ def schemas(write: bool) -> None:
     click.echo("schemas up to date")
 
 
-from bench.cli import bench_all, replay  # noqa: E402
+from adloop.bench.cli import bench_all, replay  # noqa: E402
 
 main.add_command(replay)
 bench.add_command(bench_all, "all")
 
-from generator.ctr_cli import train_ctr  # noqa: E402
+from adloop.generator.ctr_cli import train_ctr  # noqa: E402
 
 main.add_command(train_ctr)
 
-from generator.cli import generate  # noqa: E402
+from adloop.generator.cli import generate  # noqa: E402
 
 main.add_command(generate)
 
