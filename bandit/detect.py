@@ -8,7 +8,7 @@ log-likelihood ratio of "CTR fell by ``drop`` (relative) from its reference" aga
 corrected by more data rather than turning into a false alarm. Updates are batched:
 one increment ``(n, k)`` per arm per batch adds ``k·log(p1/p0) + (n-k)·log((1-p1)/(1-p0))``.
 
-False alarms are controlled three ways: no alarm before ``min_impressions`` of
+False alarms are controlled three ways: no alarm before ``min_evidence`` of
 reference evidence; the threshold (``threshold`` nats ⇒ average run length between
 false alarms grows like e^threshold); and a confirmation that the run's own CTR is
 below the reference with posterior probability ≥ ``confirm``. ``bench bandits``
@@ -24,6 +24,12 @@ import numpy as np
 from scipy.special import betainc
 
 __all__ = ["Alarm", "CusumDetector", "Verdict", "VerdictRules", "judge"]
+
+
+#: Impressions of evidence a creative needs before it can be called an underperformer
+#: (the detector's reference and the verdict both wait for it). The engine's
+#: ``EngineConfig.min_evidence`` and the ``ADLOOP_MIN_EVIDENCE`` setting default to it.
+MIN_EVIDENCE = 2000
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,7 @@ class Alarm:
 class CusumDetector:
     drop: float = 0.3
     threshold: float = 10.0
-    min_impressions: float = 2000.0
+    min_evidence: float = float(MIN_EVIDENCE)
     confirm: float = 0.99
     # Per-arm arrays: totals, the current run (evidence since the CUSUM last sat at 0).
     n: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -95,9 +101,9 @@ class CusumDetector:
         p1 = p0 * (1 - self.drop)
         llr = k_inc * np.log(p1 / p0) + (n_inc - k_inc) * np.log((1 - p1) / (1 - p0))
         s_new = self.s + llr
-        # Until the reference has min_impressions behind it, everything is reference
+        # Until the reference has min_evidence behind it, everything is reference
         # evidence: a CUSUM against an unknown baseline would only measure its error.
-        warming = (self.n - self.run_n) < self.min_impressions
+        warming = (self.n - self.run_n) < self.min_evidence
         reset = touched & ((s_new <= 0) | warming)
         self.n += n_inc
         self.k += k_inc
@@ -107,7 +113,7 @@ class CusumDetector:
         self.run_k = np.where(reset, 0.0, self.run_k + k_inc)
         ref_n = self.n - self.run_n
         candidates = np.flatnonzero(
-            touched & (self.s > self.threshold) & (ref_n >= self.min_impressions)
+            touched & (self.s > self.threshold) & (ref_n >= self.min_evidence)
         )
         alarms = []
         for i in candidates:
@@ -139,7 +145,7 @@ class CusumDetector:
         return {
             "drop": self.drop,
             "threshold": self.threshold,
-            "min_impressions": self.min_impressions,
+            "min_evidence": self.min_evidence,
             "confirm": self.confirm,
             **{
                 name: getattr(self, name).tolist()
@@ -149,6 +155,10 @@ class CusumDetector:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CusumDetector:
+        d = dict(d)
+        # State written before the field was renamed (worker tables persist it).
+        if "min_impressions" in d:
+            d["min_evidence"] = d.pop("min_impressions")
         return cls(**d)
 
 
@@ -156,8 +166,8 @@ class CusumDetector:
 class VerdictRules:
     """When a creative is called an underperformer (and may be replaced)."""
 
-    min_impressions: int = 2000
-    # P(within δ of the best) below this, after min_impressions, is a verdict.
+    min_evidence: int = MIN_EVIDENCE
+    # P(within δ of the best) below this, after min_evidence, is a verdict.
     max_p_within: float = 0.01
 
 
@@ -186,7 +196,7 @@ def judge(
 ) -> list[Verdict]:
     """A verdict per creative, with the numbers that justify it.
 
-    Underperforming when, with at least ``min_impressions`` of evidence, either the
+    Underperforming when, with at least ``min_evidence`` of evidence, either the
     creative is confidently more than δ below the best, or a drop in its own CTR was
     detected and it is no longer labelled best.
     """
@@ -195,7 +205,7 @@ def judge(
     for i, cid in enumerate(creative_ids):
         imps = int(impressions[i])
         reasons: list[str] = []
-        enough = imps >= rules.min_impressions
+        enough = imps >= rules.min_evidence
         if enough and p_within[i] < rules.max_p_within:
             reasons.append(
                 f"P(within {within:.0%} of best) = {p_within[i]:.1%} after {imps:,} impressions"

@@ -31,7 +31,14 @@ from adloop.bandit.analysis import (
     summarize,
 )
 from adloop.bandit.beta import UNIFORM_PRIOR, BetaPrior
-from adloop.bandit.detect import Alarm, CusumDetector, Verdict, VerdictRules, judge
+from adloop.bandit.detect import (
+    MIN_EVIDENCE,
+    Alarm,
+    CusumDetector,
+    Verdict,
+    VerdictRules,
+    judge,
+)
 from adloop.bandit.policies import BanditPolicy, ThompsonSampling, make_policy
 
 __all__ = ["ArmReport", "CreativeEngine", "EngineConfig"]
@@ -45,7 +52,7 @@ class EngineConfig:
     detect_changes: bool = True
     cusum_drop: float = 0.3
     cusum_threshold: float = 10.0
-    min_evidence: int = 2000
+    min_evidence: int = MIN_EVIDENCE
     min_learning_share: float = 0.05
     exploration_floor: float = 0.01
     within: float = 0.10
@@ -81,7 +88,7 @@ class CreativeEngine:
             CusumDetector(
                 drop=self.config.cusum_drop,
                 threshold=self.config.cusum_threshold,
-                min_impressions=self.config.min_evidence,
+                min_evidence=self.config.min_evidence,
             )
             if self.config.detect_changes
             else None
@@ -191,7 +198,7 @@ class CreativeEngine:
             self.impressions,
             summary.within,
             self.last_alarm,
-            VerdictRules(min_impressions=self.config.min_evidence),
+            VerdictRules(min_evidence=self.config.min_evidence),
         )
         return [
             ArmReport(

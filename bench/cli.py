@@ -1,4 +1,5 @@
-"""Commands ``adloop replay`` and ``adloop bench all`` (registered in ``src/adloop/cli.py``)."""
+"""The benchmark commands: ``adloop bench spine|bandits|generator|all``, ``adloop replay``
+and ``adloop simulate`` (mounted lazily by the composition root, ``adloop.cli``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from adloop.streams.log_setup import configure_logging
+from adloop.bench.config import out_option
+from adloop.log_setup import configure_logging
 
 
 @click.command()
@@ -43,7 +45,7 @@ from adloop.streams.log_setup import configure_logging
 )
 @click.option("--repeat", type=int, default=1, show_default=True, help="replay the log N times")
 @click.option("--broker", help="kafka://host:port (default: embedded)")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@out_option
 @click.option(
     "--on-error",
     type=click.Choice(["skip", "fail"]),
@@ -124,7 +126,7 @@ def replay(
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@out_option
 @click.option("--quick", is_flag=True, help="smaller runs (a few minutes)")
 @click.option("--broker", help="kafka://host:port (default: embedded)")
 def bench_all(out: Path, quick: bool, broker: str | None) -> None:
@@ -135,3 +137,148 @@ def bench_all(out: Path, quick: bool, broker: str | None) -> None:
 
     ok = run_all(out, quick=quick, broker=broker)
     sys.exit(0 if ok else 1)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (results under --out)."""
+
+
+@bench.command("spine")
+@click.option(
+    "--events",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="impressions to replay (clicks come on top, 5 %)",
+)
+@click.option("--broker", help="kafka://host:port (default: embedded)")
+@out_option
+def bench_spine(events: int, broker: str | None, out: Path) -> None:
+    """Throughput vs. the raw-consume ceiling, click->decision and select latency."""
+    configure_logging("WARNING")
+    from adloop.bench.spine import run
+
+    run(events, broker, out)
+
+
+@bench.command("bandits")
+@click.option(
+    "--impressions",
+    type=int,
+    default=1_000_000,
+    show_default=True,
+    help="impressions per policy and scenario (checkpoints: 10k, 100k, 1M)",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--policies",
+    default=None,
+    help="comma-separated subset, e.g. adloop,mabwiser_ts,oracle (default: all)",
+)
+@click.option(
+    "--kafka",
+    "kafka_impressions",
+    type=int,
+    default=0,
+    help="instead: run adloop on this many impressions of the non-stationary traffic "
+    "through the full Kafka path (embedded broker, real processes) and compare its regret "
+    "with the pure engine's",
+)
+@out_option
+def bench_bandits(
+    impressions: int, seed: int, policies: str | None, kafka_impressions: int, out: Path
+) -> None:
+    """adloop's engine vs MABWiser, Vowpal Wabbit, uniform and the oracle; engine speed."""
+    configure_logging("WARNING")
+    if kafka_impressions:
+        from adloop.bench.bandits import AdloopAgent, sim_engine_config, simulate
+        from adloop.bench.bandits_kafka import run_kafka_path
+        from adloop.bench.simulator import Scenario, World
+
+        world = World(Scenario(seed=seed))
+        fast = simulate(world, AdloopAgent(world, sim_engine_config(), "adloop"), kafka_impressions)
+        slow = run_kafka_path(kafka_impressions, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        line = (
+            f"non-stationary, {kafka_impressions:,} impressions: adloop regret "
+            f"{fast.regret_at.get(min(kafka_impressions, 100_000), 0):,.0f} in the pure engine, "
+            f"{slow['regret_at'].get(min(kafka_impressions, 100_000), slow['regret']):,.0f} "
+            f"through Kafka ({slow['seconds']:.0f} s at {slow['rate']:,.0f} impressions/s)"
+        )
+        (out / "bandits_kafka.json").write_text(
+            json.dumps({"fast_regret_at": fast.regret_at, **slow}, indent=2)
+        )
+        click.echo(line)
+        return
+    from adloop.bench.bandits import run_comparison
+    from adloop.bench.engine_speed import markdown
+    from adloop.bench.engine_speed import run as run_speed
+
+    which = {p.strip() for p in policies.split(",")} if policies else None
+    summary = run_comparison(out, impressions=impressions, seed=seed, which=which)
+    speed = run_speed()
+    table = markdown(speed)
+    with (out / "bandits.md").open("a") as f:
+        f.write("\n## Engine speed (pure, in-process, this machine)\n\n" + table + "\n")
+    click.echo(table)
+    fa = summary["false_alarms"]
+    click.echo(
+        f"detector false alarms on stationary traffic: {fa['alarms']} in {fa['impressions']:,} "
+        f"impressions; report: {out / 'bandits.md'}"
+    )
+
+
+@bench.command("generator")
+@click.option("--variants", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads")
+@out_option
+def bench_generator(variants: int, threads: int, out: Path) -> None:
+    """Seconds per request, variants/s, pass rate, diversity; CTR scoring rate."""
+    configure_logging("WARNING")
+    from adloop.bench.generation import run as run_generation
+
+    s = run_generation(out, variants, threads)
+    click.echo(json.dumps({k: v for k, v in s.items() if k != "requests"}, indent=2))
+    for r in s["requests"]:
+        click.echo(
+            f"{r['product']}: {r['seconds']:.1f} s, {r['passed']}/{r['parsed']} passed, "
+            f"e.g. {r['examples'][:2]}"
+        )
+
+
+@click.command()
+@click.option("--impressions", type=int, default=1_000_000, show_default=True)
+@click.option(
+    "--rate",
+    type=float,
+    default=1000.0,
+    show_default=True,
+    help="impressions per second of run (b): the loop needs wall time to generate",
+)
+@click.option(
+    "--pool-rate",
+    type=float,
+    default=None,
+    help="impressions per second of run (a), which needs no model time (default: --rate)",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@out_option
+def simulate(impressions: int, rate: float, pool_rate: float | None, seed: int, out: Path) -> None:
+    """Text-aware exchange: the initial pool alone vs the full loop (lift, plot, loop stats)."""
+    configure_logging("WARNING")
+    from adloop.bench.textsim import run_simulation
+
+    def progress(name: str, sent: int, ctr: float) -> None:
+        click.echo(f"{name}: {sent:,} impressions, CTR so far {ctr:.3%}")
+
+    s = run_simulation(out, impressions, seed, rate, progress, pool_rate=pool_rate)
+    loop_stats = {k: v for k, v in s["loop"].items() if k != "top_generated"}
+    click.echo(
+        f"CTR (a) pool only {s['ctr_a']:.3%}, (b) full loop {s['ctr_b']:.3%}: "
+        f"lift {s['lift']:.2f}x; loop {json.dumps(loop_stats)}"
+    )
+    click.echo(f"report: {out / 'simulate.json'}, {out / 'simulate.png'}")
+
+
+bench.add_command(bench_all, "all")

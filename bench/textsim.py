@@ -279,9 +279,7 @@ def run_once(
         producer.close()
         if with_loop:
             result.loop = _loop_stats(base, campaign)
-            result.loop["ctr_models"] = _model_cards(
-                settings.models_dir or settings.data_dir / "models"
-            )
+            result.loop["ctr_models"] = _model_cards(settings.models_path)
     return result
 
 

@@ -72,11 +72,9 @@ def _load_scorer(ctr_model: str | None) -> Any:
     except ImportError:
         return None
     if ctr_model is None:
-        from adloop.streams.config import load_settings
+        from adloop.generator.config import GeneratorSettings
 
-        settings = load_settings()
-        models_dir = settings.models_dir or settings.data_dir / "models"
-        return CtrScorer.load(models_dir)
+        return CtrScorer.load(GeneratorSettings().models_path)
     return CtrScorer.load(ctr_model)
 
 
@@ -132,7 +130,7 @@ def generate(
     """Generate ad variants for one brief and audience, filtered and scored."""
     import msgspec
 
-    from adloop.streams.log_setup import configure_logging
+    from adloop.log_setup import configure_logging
 
     configure_logging(log_level)
     try:

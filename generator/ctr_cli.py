@@ -95,8 +95,8 @@ def train_ctr(
 
     from pydantic import ValidationError
 
+    from adloop.log_setup import configure_logging
     from adloop.streams.config import load_settings
-    from adloop.streams.log_setup import configure_logging
 
     configure_logging(log_level)
     if bool(from_file) == from_kafka:

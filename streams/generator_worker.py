@@ -168,7 +168,7 @@ class GeneratorWorker:
 
     @property
     def models_dir(self) -> Path:
-        return self.settings.models_dir or self.settings.data_dir / "models"
+        return self.settings.models_path
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[tuple[Any, list[Any]]]:
         from adloop.generator.ctr import CtrInput

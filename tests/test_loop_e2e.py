@@ -177,7 +177,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
 
     controller = LoopController(stack.settings.with_overrides(ctr_retrain_max_steps=4))
     assert asyncio.run(controller.retrain()) == 0
-    models = stack.settings.models_dir or stack.settings.data_dir / "models"
+    models = stack.settings.models_path
     cards = [json.loads(p.read_text()) for p in (models / "ctr").glob("*/model_card.json")]
     assert cards and cards[-1]["data"]["impressions"] >= 1200, cards
     assert CtrScorer.load(models).version == cards[-1]["version"]

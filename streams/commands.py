@@ -1,0 +1,213 @@
+"""The commands that run adloop's roles and its broker: ``adloop broker|topics|ingest|
+worker|serve|loop|generator|up|schemas``.
+
+Mounted lazily by the composition root (``adloop.cli``). Every flag maps onto a
+field of ``Settings`` (flags win over ``ADLOOP_*`` variables). Without
+``--broker``/``ADLOOP_BROKER``, commands that need Kafka start the embedded broker
+and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from adloop.log_setup import configure_logging
+from adloop.streams.config import Settings, load_settings
+from adloop.streams.topics import broker_with_topics
+
+log = logging.getLogger("adloop.cli")
+
+
+def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--broker", help="kafka://host:port[,host:port] (default: embedded)"),
+        click.option("--topic-prefix", help="prefix of every adloop topic (default adloop.)"),
+        click.option("--partitions", type=int, help="partitions of the event topics"),
+        click.option("--data-dir", type=click.Path(path_type=Path), help="local state dir"),
+        click.option("--api-port", type=int, help="serving API port (default 8080)"),
+        click.option("--attribution-window-s", type=float, help="click attribution window"),
+        click.option("--log-level", default=None, help="DEBUG, INFO, WARNING"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def load(**flags: Any) -> Settings:
+    configure_logging(flags.pop("log_level", None))
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        raise click.UsageError(f"invalid configuration:\n{exc}") from None
+
+
+@click.command()
+@settings_options
+def broker(**flags: Any) -> None:
+    """Run the embedded Kafka-compatible broker in the foreground (Ctrl-C stops it)."""
+    settings = load(**flags)
+    import threading
+
+    from adloop.streams.broker import install_shutdown_signals
+
+    with broker_with_topics(settings) as live:
+        click.echo(f"broker ready: export ADLOOP_BROKER={live.broker}")
+        stop = threading.Event()
+        install_shutdown_signals(stop.set)
+        stop.wait()
+
+
+@click.command()
+@settings_options
+def topics(**flags: Any) -> None:
+    """Create adloop's topics on the configured broker (idempotent)."""
+    settings = load(**flags)
+    if not settings.broker:
+        raise click.UsageError(
+            "set --broker or ADLOOP_BROKER: topics on an embedded broker vanish when it stops"
+        )
+    from adloop.streams.topics import ensure_topics_sync
+
+    ensure_topics_sync(settings)
+    click.echo("topics ready")
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM (and SIGINT, even if inherited as ignored) raise KeyboardInterrupt, so
+    `up` and `demo` unwind through the same clean shutdown as Ctrl-C; a second
+    signal kills at once."""
+    from adloop.streams.broker import install_shutdown_signals
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    install_shutdown_signals(interrupt)
+
+
+def _needs_broker(settings: Settings, role: str) -> None:
+    if not settings.broker:
+        raise click.UsageError(
+            f"adloop {role} joins a running deployment: set --broker/ADLOOP_BROKER "
+            "(or use `adloop up`, which starts everything, embedded broker included)"
+        )
+
+
+@click.command()
+@settings_options
+def ingest(**flags: Any) -> None:
+    """Run the ingest stage: validate, join and pre-aggregate exchange events."""
+    settings = load(**flags)
+    _needs_broker(settings, "ingest")
+    from adloop.streams.ingest import run_ingest
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    asyncio.run(run_ingest(settings))
+
+
+@click.command()
+@settings_options
+def worker(**flags: Any) -> None:
+    """Run the Faust worker: posterior table and decisions."""
+    settings = load(**flags)
+    _needs_broker(settings, "worker")
+    from adloop.streams.worker import run_worker
+
+    sys.argv = [sys.argv[0], "worker"]  # Faust's Worker parses argv
+    run_worker(settings)
+
+
+@click.command()
+@settings_options
+def serve(**flags: Any) -> None:
+    """Run the serving API (select, best creative, creative registration)."""
+    settings = load(**flags)
+    _needs_broker(settings, "serve")
+    from adloop.streams.serving import run_serving
+
+    run_serving(settings)
+
+
+@click.command("loop")
+@settings_options
+def loop_(**flags: Any) -> None:
+    """Run the loop controller: underperformers -> generation requests -> retirements."""
+    settings = load(**flags)
+    _needs_broker(settings, "loop")
+    from adloop.streams.controller import run_loop
+
+    run_loop(settings)
+
+
+@click.command("generator")
+@settings_options
+def generator_(**flags: Any) -> None:
+    """Run the generator worker: generation requests -> scored candidate creatives."""
+    settings = load(**flags)
+    _needs_broker(settings, "generator")
+    from adloop.streams.generator_worker import run_generator
+
+    run_generator(settings)
+
+
+@click.command()
+@settings_options
+@click.option(
+    "--loop/--no-loop",
+    default=True,
+    show_default=True,
+    help="also run the loop controller and the generator (loads the LLM and CTR model)",
+)
+def up(loop: bool, **flags: Any) -> None:
+    """Start everything: broker (embedded unless configured), ingest, worker, serving API,
+    loop controller and generator."""
+    settings = load(**flags)
+    interrupt_on_signals()
+    import time
+
+    from adloop.streams.supervisor import LOOP_ROLES, ROLES, Supervisor
+
+    roles = ROLES + LOOP_ROLES if loop else ROLES
+    with broker_with_topics(settings) as live, Supervisor(live, roles=roles) as sup:
+        sup.wait_http_ready()
+        click.echo(
+            f"adloop up: broker {live.broker}, API http://{live.api_host}:{live.api_port}, "
+            f"logs in {sup.log_dir}. Ctrl-C stops everything."
+        )
+        try:
+            while True:
+                sup.check()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            click.echo("stopping…")
+
+
+@click.command()
+@click.option("--write", is_flag=True, help="regenerate the committed files")
+def schemas(write: bool) -> None:
+    """Check (or --write) the JSON Schema and OpenAPI files generated from the code."""
+    from adloop.schemas.jsonschema import stale_files, write_all
+    from adloop.streams.openapi import stale as openapi_stale
+    from adloop.streams.openapi import write as openapi_write
+
+    if write:
+        for path in write_all():
+            click.echo(f"wrote {path}")
+        click.echo(f"wrote {openapi_write()}")
+        return
+    stale = stale_files() + openapi_stale()
+    if stale:
+        raise click.ClickException(f"out of date: {stale}; run `adloop schemas --write`")
+    click.echo("schemas up to date")
