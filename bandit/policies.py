@@ -149,11 +149,6 @@ class ArmStats:
         np.add.at(self.clicks, idx, clk)
         np.minimum(self.clicks, self.impressions, out=self.clicks)
 
-    def reset_arm(self, i: int, keep: float = 0.0) -> None:
-        """Forget an arm's evidence (e.g. after a detected change), keeping a fraction."""
-        self.impressions[i] *= keep
-        self.clicks[i] *= keep
-
     @property
     def alpha(self) -> np.ndarray:
         return self.prior_alpha + self.clicks

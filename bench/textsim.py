@@ -98,11 +98,6 @@ class TextWorld:
         )
         return self.intrinsic_ctr(creative.headline, creative.description, audience) * fatigue
 
-    def best_possible(self, audience: str) -> float:
-        """An upper reference: a headline hitting the audience's two best themes."""
-        top = sorted(AUDIENCES[audience].values(), reverse=True)[:2]
-        return min(0.25, self.base_ctr * math.exp(2 * sum(max(v, 0) for v in top)) * 1.15)
-
 
 def _http(base: str, method: str, path: str, body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None

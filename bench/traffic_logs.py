@@ -461,13 +461,3 @@ def describe_problems(problems: list[RowProblem], limit: int = 10) -> str:
     shown = "\n".join(f"  {p}" for p in problems[:limit])
     more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
     return f"{len(problems)} malformed row(s) skipped:\n{shown}{more}"
-
-
-def to_json(record: LoggedImpression) -> dict[str, Any]:
-    """A record as a row of the default mapping (for writing fixtures and exports)."""
-    out = msgspec.to_builtins(record.impression)
-    out.pop("schema_version", None)
-    out["clicked"] = record.clicked
-    if record.click_timestamp is not None:
-        out["click_timestamp"] = record.click_timestamp
-    return out
