@@ -188,7 +188,7 @@ def up(loop: bool, **flags: Any) -> None:
         )
         try:
             while True:
-                sup.check()
+                sup.supervise()
                 time.sleep(0.5)
         except KeyboardInterrupt:
             click.echo("stopping…")

@@ -3,6 +3,12 @@
 Children get the parent's Settings through ``ADLOOP_*`` variables, log to
 ``<data_dir>/logs/<role>.log``, and are killed by the kernel if the parent dies
 (PR_SET_PDEATHSIG), so no process outlives ``adloop up`` / ``adloop demo``.
+
+A role that dies is restarted with exponential backoff (``RestartPolicy``, pure and
+clock-injected); one that keeps dying is in a visible *crash loop* (a log line at
+error level, ``status()``, and ``<data_dir>/supervisor.json``) and is still retried
+at the longest backoff. The stack never exits because one role did: every role's
+state is exact across restarts (see the README's "Exactness across crashes").
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adloop.streams.broker import _die_with_parent_preexec
@@ -42,12 +50,80 @@ class ChildDied(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a dead role is started again."""
+
+    first_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    # A role that ran this long since its last start is healthy again: backoff resets.
+    stable_after_s: float = 60.0
+    # This many exits within the window is a crash loop (still retried, at max delay).
+    crash_loop_exits: int = 5
+    crash_loop_window_s: float = 300.0
+
+
+@dataclass
+class RoleHealth:
+    """One role's restart bookkeeping. Pure: every method takes the time."""
+
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    started_at: float | None = None
+    exits: deque[float] = field(default_factory=deque)
+    consecutive_failures: int = 0
+    restarts: int = 0
+    last_exit_code: int | None = None
+    next_start_at: float | None = None
+
+    def on_started(self, now: float) -> None:
+        self.started_at = now
+        self.next_start_at = None
+
+    def on_exit(self, now: float, code: int) -> float:
+        """Record an exit; returns the delay before the next start."""
+        if self.started_at is not None and now - self.started_at >= self.policy.stable_after_s:
+            self.consecutive_failures = 0
+        self.consecutive_failures += 1
+        self.last_exit_code = code
+        self.started_at = None
+        self.exits.append(now)
+        while self.exits and now - self.exits[0] > self.policy.crash_loop_window_s:
+            self.exits.popleft()
+        delay = min(
+            self.policy.max_delay_s,
+            self.policy.first_delay_s * 2 ** (self.consecutive_failures - 1),
+        )
+        if self.crash_loop(now):
+            delay = self.policy.max_delay_s
+        self.next_start_at = now + delay
+        return delay
+
+    def crash_loop(self, now: float) -> bool:
+        recent = [t for t in self.exits if now - t <= self.policy.crash_loop_window_s]
+        return len(recent) >= self.policy.crash_loop_exits
+
+    def due(self, now: float) -> bool:
+        return self.next_start_at is not None and now >= self.next_start_at
+
+    def state(self, now: float) -> str:
+        if self.next_start_at is not None:
+            return "crash_loop" if self.crash_loop(now) else "restarting"
+        return "running" if self.started_at is not None else "stopped"
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        roles: tuple[str, ...] = ROLES,
+        policy: RestartPolicy | None = None,
+    ) -> None:
         self.settings = settings
         self.roles = roles
         self.log_dir = settings.data_dir / "logs"
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.policy = policy or RestartPolicy()
+        self.health: dict[str, RoleHealth] = {}
 
     def log_path(self, role: str) -> Path:
         return self.log_dir / f"{role}.log"
@@ -66,7 +142,64 @@ class Supervisor:
                 preexec_fn=_die_with_parent_preexec(),
             )
             out.close()
+            self.health.setdefault(name, RoleHealth(self.policy)).on_started(time.monotonic())
             log.info("started", extra={"role": name, "pid": self.children[name].pid})
+
+    def supervise(self) -> dict[str, str]:
+        """Restart dead roles with backoff; call it every fraction of a second.
+
+        Returns each role's state (running, restarting, crash_loop). Unlike
+        ``check()``, a dead role never stops the others.
+        """
+        now = time.monotonic()
+        changed = False
+        for name, child in list(self.children.items()):
+            health = self.health.setdefault(name, RoleHealth(self.policy))
+            code = child.poll()
+            if code is not None and health.next_start_at is None:
+                delay = health.on_exit(now, code)
+                changed = True
+                crash_loop = health.crash_loop(now)
+                (log.error if crash_loop else log.warning)(
+                    "role exited; restarting" + (" (crash loop)" if crash_loop else ""),
+                    extra={
+                        "role": name,
+                        "exit_code": code,
+                        "restart_in_s": round(delay, 2),
+                        "restarts": health.restarts,
+                        "state": health.state(now),
+                        "log": str(self.log_path(name)),
+                        "log_tail": self.tail(name, lines=5),
+                    },
+                )
+            if health.due(now):
+                health.restarts += 1
+                self.start(name)
+                changed = True
+        states = {name: h.state(now) for name, h in self.health.items()}
+        if changed:
+            self._write_status(now)
+        return states
+
+    def status(self) -> dict[str, dict[str, object]]:
+        """Per role: state, restarts, last exit code, pid."""
+        now = time.monotonic()
+        return {
+            name: {
+                "state": h.state(now),
+                "restarts": h.restarts,
+                "last_exit_code": h.last_exit_code,
+                "pid": self.children[name].pid if name in self.children else None,
+            }
+            for name, h in self.health.items()
+        }
+
+    def _write_status(self, now: float) -> None:
+        try:
+            path = self.settings.data_dir / "supervisor.json"
+            path.write_text(json.dumps({"at": time.time(), "roles": self.status()}, indent=2))
+        except OSError as exc:  # status is informative; never stop supervising for it
+            log.warning("cannot write supervisor status", extra={"error": str(exc)})
 
     def check(self) -> None:
         """Raise if a child exited, with the end of its log."""

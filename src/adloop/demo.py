@@ -202,7 +202,7 @@ def run_demo(
                         time.sleep(target - now)
                     exchange.step_batch(time.time(), min(batch, events - i), api)
                     if now >= next_view:
-                        sup.check()
+                        sup.supervise()
                         next_view = now + (0.5 if live else 5.0)
                         if live:
                             live.update(_view(api, scenario, exchange, started))
