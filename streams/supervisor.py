@@ -34,6 +34,7 @@ log = logging.getLogger("adloop.supervisor")
 ROLES = ("ingest", "worker", "serve")
 # The closed loop: the controller and the generator (which loads the models).
 LOOP_ROLES = ("loop", "generator")
+ALL_ROLES = ROLES + LOOP_ROLES
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -132,6 +133,10 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = settings_env(self.settings)
         for name in (role,) if role else self.roles:
+            if self.settings.metrics_port_base and name != "serve":
+                # Each role its own /metrics port (serving has /metrics on its API port).
+                port = self.settings.metrics_port_base + 1 + ALL_ROLES.index(name)
+                env = {**env, "ADLOOP_METRICS_PORT": str(port)}
             out = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
             self.children[name] = subprocess.Popen(
                 [sys.executable, "-m", "adloop", name],
