@@ -211,3 +211,64 @@ def schemas(write: bool) -> None:
     if stale:
         raise click.ClickException(f"out of date: {stale}; run `adloop schemas --write`")
     click.echo("schemas up to date")
+
+
+@click.group()
+def tokens() -> None:
+    """API tokens: create (prints the secret once), list, revoke."""
+
+
+def _token_store(data_dir: Path | None) -> Any:
+    from adloop.streams.auth import TokenStore
+
+    return TokenStore(load(data_dir=data_dir).tokens_path)
+
+
+@tokens.command("create")
+@click.option("--name", required=True, help="who uses it; becomes the actor of every write")
+@click.option(
+    "--role",
+    required=True,
+    type=click.Choice(["exchange", "viewer", "editor", "reviewer", "admin"]),
+)
+@click.option(
+    "--campaign",
+    "campaigns",
+    multiple=True,
+    help="a campaign it may touch (repeatable; default: all)",
+)
+@click.option("--data-dir", type=click.Path(path_type=Path), help="local state dir")
+def tokens_create(name: str, role: str, campaigns: tuple[str, ...], data_dir: Path | None) -> None:
+    """Create a token and print its secret (shown once; only its hash is stored)."""
+    store = _token_store(data_dir)
+    try:
+        record, secret = store.create(name, role, campaigns or ("*",))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(secret)
+    click.echo(
+        f"token {record.token_id} for {name} ({role}, campaigns {', '.join(record.campaigns)})"
+        f" stored hashed in {store.path}; the secret above is not kept anywhere",
+        err=True,
+    )
+
+
+@tokens.command("list")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="local state dir")
+def tokens_list(data_dir: Path | None) -> None:
+    """List tokens (never their secrets)."""
+    for r in _token_store(data_dir).records():
+        state = "revoked" if r.revoked_at else "active"
+        click.echo(f"{r.token_id}  {r.name:<20} {r.role:<9} {','.join(r.campaigns):<20} {state}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="local state dir")
+def tokens_revoke(token_id: str, data_dir: Path | None) -> None:
+    """Revoke a token: every serving replica refuses it from its next request."""
+    try:
+        record = _token_store(data_dir).revoke(token_id)
+    except KeyError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"revoked {record.token_id} ({record.name})")

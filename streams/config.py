@@ -16,6 +16,7 @@ arguments) so every setting a production cluster needs can be given.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
@@ -213,6 +214,16 @@ class ServingSettings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # Bearer tokens (streams/auth.py), hashed; unset = <data_dir>/tokens.json.
+    tokens_file: Path | None = None
+    # Whether POST /v1/select needs an `exchange` token. "auto": only when the API
+    # binds anything but loopback.
+    select_requires_token: Literal["auto", "true", "false"] = "auto"
+
+    def requires_select_token(self) -> bool:
+        if self.select_requires_token != "auto":
+            return self.select_requires_token == "true"
+        return self.api_host not in ("127.0.0.1", "localhost", "::1")
 
 
 class MetricsSettings(BaseSettings):
@@ -263,6 +274,15 @@ class Settings(
     """
 
     model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.tokens_file or self.data_dir / "tokens.json"
+
+    @property
+    def admin_token_path(self) -> Path:
+        """The embedded stack's admin token (`adloop up` / `demo` create it)."""
+        return self.data_dir / "admin-token"
 
     def for_embedded_broker(self, url: str) -> Settings:
         """These settings on the embedded broker, with the timings tuned for it."""

@@ -35,6 +35,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "generator": "adloop.streams.commands:generator_",
     "up": "adloop.streams.commands:up",
     "schemas": "adloop.streams.commands:schemas",
+    "tokens": "adloop.streams.commands:tokens",
     "generate": "adloop.generator.cli:generate",
     "train-ctr": "adloop.generator.ctr_cli:train_ctr",
     "bench": "adloop.bench.cli:bench",
