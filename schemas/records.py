@@ -335,6 +335,12 @@ class AuditEntry(Record, kw_only=True):
     audience: str | None = None
     reason: str = ""
     details: dict[str, str | int | float | bool | None] = {}
+    # Tamper evidence (schemas/audit.py): each writer process keeps its own chain per
+    # campaign; seq counts from 1, prev_hash links to the writer's previous entry.
+    writer: str = ""
+    seq: int = 0
+    prev_hash: str = ""
+    hash: str = ""
 
 
 RECORD_TYPES: dict[str, type[msgspec.Struct]] = {
