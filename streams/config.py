@@ -11,25 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TopicRole = Literal[
-    "impressions",
-    "clicks",
-    "conversions",
-    "creatives",
-    "decisions",
-    "dead_letter",
-    "outcomes",
-    "generation_requests",
-    "generation_results",
-    "campaigns",
-    "audit",
-]
-TOPIC_ROLES: tuple[TopicRole, ...] = get_args(TopicRole)
+from adloop.streams.topology import TOPIC_ROLES, TopicRole  # noqa: F401 (re-exported)
 
 
 class Settings(BaseSettings):
