@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adloop.bandit import EngineConfig
 from adloop.generator.config import GeneratorSettings
-
-TopicRole = Literal[
-    "impressions",
-    "clicks",
-    "conversions",
-    "creatives",
-    "decisions",
-    "dead_letter",
-    "outcomes",
-    "generation_requests",
-    "generation_results",
-    "campaigns",
-    "audit",
-]
-TOPIC_ROLES: tuple[TopicRole, ...] = get_args(TopicRole)
+from adloop.streams.topology import TOPIC_ROLES, TopicRole  # noqa: F401 (re-exported)
 
 
 class KafkaSettings(BaseSettings):

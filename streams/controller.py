@@ -1,7 +1,7 @@
 """``adloop loop``: the process that closes the loop (thin adapter around streams.loop).
 
-It follows the decisions, creatives, campaigns, generation-requests and
-generation-results topics from the beginning (all of its state is on them), and every
+It follows the decisions, creatives, campaigns, generation-requests, generation-results
+and audit topics from their earliest records (all of its state is on them), and every
 ``loop_tick_s`` runs :func:`streams.loop.plan` for each campaign × audience. It
 publishes generation requests, creatives retired from an audience (with the reason in
 their history), and an audit entry for everything it does. Failed requests are
@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,70 +25,21 @@ from adloop.schemas import (
     AuditEntry,
     CampaignSettings,
     Creative,
+    Decision,
     GenerationRequest,
     GenerationResult,
     StatusChange,
     decision_key,
 )
 from adloop.streams.config import Settings, TopicRole
-from adloop.streams.follower import TopicFollower
+from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import producer_kwargs
-from adloop.streams.loop import LoopRules, Retirement, plan
-from adloop.streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.loop import ACTOR, LoopRules, Retirement, audit, plan
+from adloop.streams.registry import CreativeRegistry, registry_follower
 
 log = logging.getLogger("adloop.loop")
 
-ACTOR = "system:loop"
 _json = msgspec.json.Encoder()
-
-
-class RecordFollower(TopicFollower):
-    """Decodes every record of a topic as ``record_type`` and hands it to ``on_record``."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        role: TopicRole,
-        record_type: type[msgspec.Struct],
-        on_record: Callable[[Any], None],
-    ) -> None:
-        # These topics change rarely and nobody waits on them within milliseconds: poll
-        # gently (the embedded broker answers a fetch only when its wait expires, so
-        # short waits cost CPU on both sides).
-        super().__init__(settings, role, max(settings.fetch_wait_ms, 250))
-        self._decoder = msgspec.json.Decoder(record_type)
-        self._on_record = on_record
-
-    def apply(self, record: Any) -> None:
-        if record.value is None:
-            return
-        try:
-            value = self._decoder.decode(record.value)
-        except msgspec.MsgspecError as exc:
-            log.warning("skipping invalid record", extra={"topic": self.topic, "error": str(exc)})
-            return
-        self._on_record(value)
-
-
-def audit(
-    campaign: str,
-    action: str,
-    reason: str,
-    actor: str = ACTOR,
-    creative_id: str | None = None,
-    audience: str | None = None,
-    **details: Any,
-) -> AuditEntry:
-    return AuditEntry(
-        at=time.time(),
-        actor=actor,
-        campaign=campaign,
-        action=action,
-        creative_id=creative_id,
-        audience=audience,
-        reason=reason,
-        details=details,
-    )
 
 
 def retire_in_audience(creative: Creative, retirement: Retirement, actor: str) -> Creative:
@@ -115,8 +65,6 @@ def retire_in_audience(creative: Creative, retirement: Retirement, actor: str) -
 
 class LoopController:
     def __init__(self, settings: Settings, rules: LoopRules | None = None) -> None:
-        from adloop.streams.serving import DecisionFollower
-
         self.settings = settings
         self.rules = rules or LoopRules(request_timeout_s=settings.generation_timeout_s)
         self.registry = CreativeRegistry()
@@ -128,29 +76,23 @@ class LoopController:
         self.results: dict[str, GenerationResult] = {}
         self.reported: set[str] = set()
         self.answered: set[str] = set()  # results already in the audit trail
-        self.decisions = DecisionFollower(settings, max(settings.fetch_wait_ms, 250))
-        self.followers: list[TopicFollower] = [
-            RegistryFollower(settings, self.registry),
-            self.decisions,
-            RecordFollower(settings, "campaigns", CampaignSettings, self._on_campaign),
-            RecordFollower(settings, "generation_requests", GenerationRequest, self._on_request),
-            RecordFollower(settings, "generation_results", GenerationResult, self._on_result),
-            RecordFollower(settings, "audit", AuditEntry, self._on_audit),
+        self.decisions: dict[str, Decision] = {}  # latest per campaign|audience
+        self.followers: list[Follower[Any]] = [
+            registry_follower(settings, self.registry),
+            Follower.latest(settings, "decisions", self.decisions),
+            Follower.latest(settings, "campaigns", self.campaigns),
+            Follower(settings, "generation_requests", self._on_request),
+            Follower.latest(settings, "generation_results", self.results),
+            Follower(settings, "audit", self._on_audit),
         ]
         self._producer: AIOKafkaProducer | None = None
 
     # -- state from the topics ----------------------------------------------------------
-    def _on_campaign(self, c: CampaignSettings) -> None:
-        self.campaigns[c.campaign] = c
-
     def _on_request(self, r: GenerationRequest) -> None:
         if r.request_id not in self.request_ids:
             self.request_ids.add(r.request_id)
             self.requests[decision_key(r.campaign, r.audience)].append(r)
             self.requests_per_campaign[r.campaign] += 1
-
-    def _on_result(self, r: GenerationResult) -> None:
-        self.results[r.request_id] = r
 
     def _on_audit(self, a: AuditEntry) -> None:
         request_id = a.details.get("request_id")
@@ -165,8 +107,8 @@ class LoopController:
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**producer_kwargs(self.settings, acks="all"))
         await self._producer.start()
-        for follower in self.followers:
-            await follower.start()
+        # Together: each start lists offsets and reads the true ends, a few fetch waits.
+        await asyncio.gather(*(follower.start() for follower in self.followers))
         for follower in self.followers:
             await follower.wait_caught_up()
 
@@ -190,7 +132,7 @@ class LoopController:
     async def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         await self._audit_answers()
-        for key, decision in sorted(self.decisions.decisions.items()):
+        for key, decision in sorted(self.decisions.items()):
             settings = self.campaigns.get(decision.campaign)
             if settings is None:
                 continue  # no settings, no automation: the campaign never opted in

@@ -43,7 +43,7 @@ from adloop.schemas import (
     StatusChange,
 )
 from adloop.streams.config import Settings
-from adloop.streams.controller import RecordFollower
+from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import consumer_kwargs, producer_kwargs
 
 log = logging.getLogger("adloop.generator")
@@ -124,18 +124,10 @@ class GeneratorWorker:
         self.done: set[str] = set()
         self.campaigns: dict[str, CampaignSettings] = {}
         self._request_decoder = msgspec.json.Decoder(GenerationRequest)
-        self._results = RecordFollower(
-            settings,
-            "generation_results",
-            GenerationResult,
-            lambda r: self.done.add(r.request_id),
+        self._results: Follower[GenerationResult] = Follower(
+            settings, "generation_results", lambda r: self.done.add(r.request_id)
         )
-        self._campaigns = RecordFollower(
-            settings,
-            "campaigns",
-            CampaignSettings,
-            lambda c: self.campaigns.__setitem__(c.campaign, c),
-        )
+        self._campaigns = Follower.latest(settings, "campaigns", self.campaigns)
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         # One thread: the model is not re-entrant, and batching happens per poll.
@@ -206,8 +198,8 @@ class GeneratorWorker:
             )
         self._producer = AIOKafkaProducer(**producer_kwargs(s, acks="all"))
         await self._producer.start()
+        await asyncio.gather(self._results.start(), self._campaigns.start())
         for follower in (self._results, self._campaigns):
-            await follower.start()
             await follower.wait_caught_up()
         self._consumer = AIOKafkaConsumer(
             s.topic("generation_requests"),

@@ -51,6 +51,7 @@ from rocksdict import Options, Rdict, WriteBatch
 from adloop.schemas import (
     Click,
     Conversion,
+    Creative,
     CreativeCounts,
     DeadLetter,
     Impression,
@@ -61,8 +62,9 @@ from adloop.schemas import (
 )
 from adloop.streams.broker import install_shutdown_signals
 from adloop.streams.config import Settings
+from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
-from adloop.streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.registry import CreativeRegistry, registry_follower
 
 log = logging.getLogger("adloop.ingest")
 
@@ -385,7 +387,7 @@ class Ingest:
         self._last_flush = time.monotonic()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._follower: RegistryFollower | None = None
+        self._follower: Follower[Creative] | None = None
         self._stopping = asyncio.Event()
         self.flush_lock = asyncio.Lock()
         # Impressions naming a creative this process has not seen yet: it may have
@@ -395,7 +397,7 @@ class Ingest:
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        self._follower = RegistryFollower(s, self.registry)
+        self._follower = registry_follower(s, self.registry)
         await self._follower.start()
         await self._follower.wait_caught_up()
         self._producer = AIOKafkaProducer(

@@ -20,11 +20,14 @@ process that runs it keeps no state of its own and can be restarted at any time.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from msgspec import structs
 
 from adloop.schemas import (
+    AuditEntry,
     Brief,
     CampaignSettings,
     Creative,
@@ -34,7 +37,33 @@ from adloop.schemas import (
     GenerationResult,
 )
 
-__all__ = ["LoopRules", "Plan", "Retirement", "plan", "request_base"]
+__all__ = ["ACTOR", "LoopRules", "Plan", "Retirement", "audit", "plan", "request_base"]
+
+#: Who the loop's own actions are attributed to in histories and the audit trail.
+ACTOR = "system:loop"
+
+
+def audit(
+    campaign: str,
+    action: str,
+    reason: str,
+    actor: str = ACTOR,
+    creative_id: str | None = None,
+    audience: str | None = None,
+    **details: Any,
+) -> AuditEntry:
+    """One entry of a campaign's audit trail, stamped now. Here rather than with the
+    loop's process because the steering API (people's actions) writes them too."""
+    return AuditEntry(
+        at=time.time(),
+        actor=actor,
+        campaign=campaign,
+        action=action,
+        creative_id=creative_id,
+        audience=audience,
+        reason=reason,
+        details=details,
+    )
 
 
 @dataclass(frozen=True)

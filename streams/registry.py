@@ -1,24 +1,18 @@
 """The creative registry: every process's view of the compacted creatives topic.
 
 ``CreativeRegistry`` is plain in-memory state (testable without Kafka);
-``RegistryFollower`` keeps one up to date by reading every partition of the
-creatives topic from the beginning (no consumer group: each process needs all).
+:func:`registry_follower` keeps one up to date by following every partition of the
+creatives topic (no consumer group: each process needs all).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import msgspec
 
 from adloop.schemas import Creative
 from adloop.streams.config import Settings
-from adloop.streams.follower import TopicFollower
-
-log = logging.getLogger("adloop.registry")
+from adloop.streams.follower import Follower
 
 
 @dataclass
@@ -56,31 +50,19 @@ class CreativeRegistry:
         )
 
 
-class RegistryFollower(TopicFollower):
-    """Applies every creatives-topic record to a registry."""
+def registry_follower(
+    settings: Settings,
+    registry: CreativeRegistry,
+    on_change: Callable[[Creative], None] | None = None,
+) -> Follower[Creative]:
+    """A follower that applies every creatives-topic record to ``registry``."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        registry: CreativeRegistry,
-        on_change: Callable[[Creative], None] | None = None,
-    ) -> None:
-        # Creatives change rarely: poll gently; sync() catches up on demand.
-        super().__init__(settings, "creatives", max(settings.fetch_wait_ms, 100))
-        self.registry = registry
-        self.on_change = on_change
-        self._decoder = msgspec.json.Decoder(Creative)
+    def apply(creative: Creative) -> None:
+        registry.put(creative)
+        if on_change is not None:
+            on_change(creative)
 
-    def apply(self, record: Any) -> None:
-        if record.value is None:
-            return
-        try:
-            creative = self._decoder.decode(record.value)
-        except msgspec.MsgspecError as exc:
-            # Creatives are written by adloop itself (validated at the API), so a bad
-            # record here is a bug or a foreign writer; skip it loudly.
-            log.warning("skipping invalid creative record: %s", exc)
-            return
-        self.registry.put(creative)
-        if self.on_change is not None:
-            self.on_change(creative)
+    # Creatives change rarely: poll gently; sync() catches up on demand.
+    return Follower(
+        settings, "creatives", apply, fetch_max_wait_ms=max(settings.fetch_wait_ms, 100)
+    )

@@ -1,7 +1,7 @@
 """The serving API: which creative to show, and creative registration.
 
 A stateless process: it follows the compacted decisions and creatives topics
-(every partition, from the beginning) and answers from memory, so it scales
+(every partition, from the earliest record) and answers from memory, so it scales
 out independently of the stream workers and never waits on a rebalance.
 
 ``POST /v1/select`` draws from the Thompson serving probabilities of the
@@ -12,6 +12,7 @@ evaluation needs in the logs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -28,10 +29,11 @@ from adloop.schemas import Creative, Decision, RecordDecoder, decision_key
 from adloop.schemas.records import ContextValue, Identifier
 from adloop.schemas.validation import InvalidRecord
 from adloop.streams.config import Settings
-from adloop.streams.follower import TopicFollower
+from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import producer_kwargs
 from adloop.streams.posterior import prior_for
-from adloop.streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.registry import CreativeRegistry, registry_follower
+from adloop.streams.steering import Steering
 
 log = logging.getLogger("adloop.serve")
 
@@ -133,29 +135,17 @@ class _Selection:
     policy: str
 
 
-class DecisionFollower(TopicFollower):
-    """Keeps the latest Decision per campaign x audience from the compacted topic."""
-
-    def __init__(self, settings: Settings, fetch_max_wait_ms: int | None = None) -> None:
-        super().__init__(settings, "decisions", fetch_max_wait_ms or settings.fetch_wait_ms)
-        self.decisions: dict[str, Decision] = {}
-        self._decoder = msgspec.json.Decoder(Decision)
-
-    def apply(self, record: Any) -> None:
-        if record.value is None or record.key is None:
-            return
-        try:
-            self.decisions[record.key.decode()] = self._decoder.decode(record.value)
-        except msgspec.MsgspecError as exc:
-            log.warning("skipping invalid decision: %s", exc)
-
-
 class ServingApi:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = CreativeRegistry()
-        self.registry_follower = RegistryFollower(settings, self.registry)
-        self.decision_follower = DecisionFollower(settings)
+        self.registry_follower = registry_follower(settings, self.registry)
+        # The latest decision per campaign|audience. Selection waits on it, so it polls
+        # with the configured (short) fetch wait, not the followers' gentle one.
+        self.decisions: dict[str, Decision] = {}
+        self.decision_follower = Follower.latest(
+            settings, "decisions", self.decisions, fetch_max_wait_ms=settings.fetch_wait_ms
+        )
         self.rng = np.random.default_rng()
         self.engine_config = settings.engine_config()
         self._selections: dict[str, _Selection] = {}
@@ -163,28 +153,24 @@ class ServingApi:
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
         self._batch_decoder = msgspec.json.Decoder(BatchSelectRequest)
         self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
-        from adloop.streams.steering import Steering
-
         self.steering = Steering(self)
+
+    @property
+    def followers(self) -> list[Follower[Any]]:
+        return [self.registry_follower, self.decision_follower, *self.steering.followers]
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**producer_kwargs(self.settings, acks="all"))
         await self._producer.start()
-        await self.registry_follower.start()
-        await self.decision_follower.start()
-        for follower in self.steering.followers:
-            await follower.start()
-        await self.registry_follower.wait_caught_up()
-        await self.decision_follower.wait_caught_up()
-        for follower in self.steering.followers:
+        # Together: each start lists offsets and reads the true ends, a few fetch waits.
+        await asyncio.gather(*(follower.start() for follower in self.followers))
+        for follower in self.followers:
             await follower.wait_caught_up()
 
     async def stop(self) -> None:
-        for follower in self.steering.followers:
+        for follower in self.followers:
             await follower.stop()
-        await self.decision_follower.stop()
-        await self.registry_follower.stop()
         if self._producer is not None:
             await self._producer.stop()
 
@@ -218,7 +204,7 @@ class ServingApi:
         self, campaign: str, audience: str, placement: str | None = None
     ) -> _Selection | None:
         key = decision_key(campaign, audience)
-        decision = self.decision_follower.decisions.get(key)
+        decision = self.decisions.get(key)
         # The contextual policy publishes a distribution per placement.
         by_placement = decision.placements.get(placement or "") if decision else None
         cache_key = f"{key}|{placement}" if by_placement else key
@@ -369,12 +355,10 @@ class ServingApi:
         audience = request.match_info["audience"]
         if not self.registry.has_campaign(campaign):
             return _error(404, "unknown_campaign", f"campaign {campaign!r} is not known")
-        decision = self.decision_follower.decisions.get(decision_key(campaign, audience))
+        decision = self.decisions.get(decision_key(campaign, audience))
         if decision is None:
             known = sorted(
-                k.split("|", 1)[1]
-                for k in self.decision_follower.decisions
-                if k.startswith(f"{campaign}|")
+                k.split("|", 1)[1] for k in self.decisions if k.startswith(f"{campaign}|")
             )
             return _error(
                 404,
@@ -439,7 +423,7 @@ class ServingApi:
             Health(
                 status="ok",
                 creatives=len(self.registry.creatives),
-                decisions=len(self.decision_follower.decisions),
+                decisions=len(self.decisions),
             )
         )
 

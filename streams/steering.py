@@ -26,7 +26,8 @@ from aiohttp import web
 from msgspec import structs
 
 from adloop.schemas import AuditEntry, Brief, CampaignSettings, Creative, StatusChange
-from adloop.streams.controller import RecordFollower, audit
+from adloop.streams.follower import Follower
+from adloop.streams.loop import audit
 
 if TYPE_CHECKING:
     from adloop.streams.serving import ServingApi
@@ -104,15 +105,12 @@ class Steering:
         self.api = api
         self.campaigns: dict[str, CampaignSettings] = {}
         self.audit_log: dict[str, deque[AuditEntry]] = defaultdict(lambda: deque(maxlen=audit_keep))
-        self.followers = [
-            RecordFollower(api.settings, "campaigns", CampaignSettings, self._on_campaign),
-            RecordFollower(api.settings, "audit", AuditEntry, self._on_audit),
+        self.followers: list[Follower[Any]] = [
+            Follower.latest(api.settings, "campaigns", self.campaigns),
+            Follower(api.settings, "audit", self._on_audit),
         ]
         self._action = msgspec.json.Decoder(Action)
         self._update = msgspec.json.Decoder(SettingsUpdate)
-
-    def _on_campaign(self, c: CampaignSettings) -> None:
-        self.campaigns[c.campaign] = c
 
     def _on_audit(self, a: AuditEntry) -> None:
         self.audit_log[a.campaign].append(a)
@@ -298,7 +296,7 @@ class Steering:
             return _error(404, "unknown_campaign", f"campaign {campaign!r} is not known")
         settings = self.settings_for(campaign)
         stats: dict[str, list[AudienceStats]] = defaultdict(list)
-        for decision in self.api.decision_follower.decisions.values():
+        for decision in self.api.decisions.values():
             if decision.campaign != campaign:
                 continue
             for row in decision.creatives:

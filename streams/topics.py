@@ -28,12 +28,20 @@ from aiokafka.errors import (
     for_code,
 )
 
-from adloop.streams.config import TOPIC_ROLES, Settings, TopicRole
+from adloop.streams.config import Settings
+from adloop.streams.topology import COMPACTED_ROLES, TOPIC_ROLES, TOPOLOGY
 
 log = logging.getLogger("adloop.topics")
 
-#: Keyed by creative / arm id, only the latest value matters.
-COMPACTED_ROLES: frozenset[TopicRole] = frozenset({"decisions", "creatives", "campaigns"})
+__all__ = [
+    "COMPACTED_ROLES",
+    "TopicMismatchError",
+    "TopicSpec",
+    "broker_with_topics",
+    "ensure_topics",
+    "ensure_topics_sync",
+    "topic_specs",
+]
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,14 @@ class TopicMismatchError(RuntimeError):
 
 
 def topic_specs(settings: Settings) -> dict[str, TopicSpec]:
-    """Every adloop topic by name, from the settings."""
+    """Every adloop topic by name, as the topology declares it."""
     return {
         settings.topic(role): TopicSpec(
-            partitions=settings.partitions,
+            partitions=TOPOLOGY[role].partitions_for(settings),
             replication_factor=settings.replication_factor,
-            configs={"cleanup.policy": "compact"} if role in COMPACTED_ROLES else {},
+            # Only compaction is set: "delete" is every broker's default, and a topic
+            # created without a config keeps following the broker's settings.
+            configs={"cleanup.policy": "compact"} if TOPOLOGY[role].compacted else {},
         )
         for role in TOPIC_ROLES
     }

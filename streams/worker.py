@@ -32,7 +32,7 @@ from adloop.streams.posterior import (
     learn_increments,
     prior_for,
 )
-from adloop.streams.registry import CreativeRegistry, RegistryFollower
+from adloop.streams.registry import CreativeRegistry, registry_follower
 
 log = logging.getLogger("adloop.worker")
 
@@ -222,7 +222,7 @@ class PosteriorWorker:
                 await asyncio.sleep(0)  # let the agent run between decisions
 
     async def _follow_registry(self) -> None:
-        follower = RegistryFollower(self.settings, self.registry, on_change=self._on_creative)
+        follower = registry_follower(self.settings, self.registry, on_change=self._on_creative)
         await follower.start()
         try:
             await follower.caught_up.wait()
