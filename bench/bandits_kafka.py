@@ -11,14 +11,35 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from adloop.bench.simulator import Scenario, World
+from adloop.schemas import Creative
 
 T0 = 1_760_000_000.0
+
+
+def _wait_known(base: str, token: str, creative_id: str, timeout: float = 60.0) -> None:
+    """Until the serving API follows the creative (it reads the creatives topic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(
+            base + "/v1/campaigns/sim/creatives", headers={"authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                listed = json.loads(resp.read())["creatives"]
+            if any(c["creative_id"] == creative_id for c in listed):
+                return
+        except urllib.error.HTTPError:
+            pass  # 404 until the campaign's first creative arrives
+        time.sleep(0.05)
+    raise TimeoutError(f"serving never saw creative {creative_id}")
 
 
 def _post(base: str, path: str, body: dict[str, Any]) -> Any:
@@ -63,17 +84,24 @@ def run_kafka_path(impressions: int, seed: int = 7, rate: float = 5000.0) -> dic
                 if j not in added:
                     added.add(j)
                     c = world.creatives[j]
-                    _post(
-                        base,
-                        "/v1/creatives",
-                        {
-                            "creative_id": c.creative_id,
-                            "campaign": "sim",
-                            "headline": c.theme,
-                            "predicted_ctr": c.predicted_ctr,
-                            "prior_strength": 20.0,
-                        },
+                    # With a CTR-model prior, as the generator publishes its candidates
+                    # (priors are adloop's own fields: the HTTP API refuses them).
+                    creative = Creative(
+                        creative_id=c.creative_id,
+                        campaign="sim",
+                        headline=c.theme,
+                        origin="generated",
+                        predicted_ctr=c.predicted_ctr,
+                        prior_strength=20.0,
+                        version=1,
                     )
+                    producer.send(
+                        settings.topic("creatives"),
+                        key=c.creative_id.encode(),
+                        value=msgspec.json.encode(creative),
+                    )
+                    producer.flush()
+                    _wait_known(base, sup.admin_token or "", c.creative_id)
             live = np.asarray(sorted(added))
             ctr_now = world.true_ctr(start, exposure)
             aud = audiences[start:end]

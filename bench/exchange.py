@@ -107,10 +107,20 @@ class ExchangeTally:
 
 
 class HttpSelector:
-    """Keep-alive HTTP client for POST /v1/select."""
+    """Keep-alive HTTP client of the serving API (select, registration, steering)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    @classmethod
+    def local(cls, settings: Any) -> HttpSelector:
+        """A client of the local stack's API with its admin token (made by the
+        Supervisor in the data dir, mode 0600)."""
+        path = settings.admin_token_path
+        token = path.read_text().strip() if path.exists() else None
+        return cls(settings.api_host, settings.api_port, token)
+
+    def __init__(self, host: str, port: int, token: str | None = None) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=10)
+        # A bearer token (the local stack's admin token: Supervisor.admin_token).
+        self.token = token
 
     def send(
         self, method: str, path: str, body: str | bytes | None = None
@@ -118,6 +128,8 @@ class HttpSelector:
         """One request on the kept-alive connection; reconnects once if the server closed
         it while idle (aiohttp drops idle keep-alive connections after 75 s)."""
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (1, 2):
             try:
                 self.conn.request(method, path, body, headers)
@@ -160,16 +172,28 @@ class HttpSelector:
         return {c["creative_id"]: (c["headline"], c["description"]) for c in body["creatives"]}
 
     def register(self, creative: Creative) -> None:
-        import msgspec
-
-        response = self.send("POST", "/v1/creatives", msgspec.json.encode(creative))
+        """Register a human-written creative (only the fields a person authors)."""
+        draft = {
+            "creative_id": creative.creative_id,
+            "campaign": creative.campaign,
+            "headline": creative.headline,
+            "description": creative.description,
+            "audiences": creative.audiences,
+        }
+        response = self.send("POST", "/v1/creatives", json.dumps(draft))
         payload = response.read()
-        if response.status != 201:
+        if response.status not in (200, 201):
             raise RuntimeError(f"registering {creative.creative_id} failed: {payload.decode()}")
 
     def get(self, path: str) -> tuple[int, dict]:
         response = self.send("GET", path)
         return response.status, json.loads(response.read())
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict]:
+        """Any JSON call: (status, decoded body)."""
+        response = self.send(method, path, json.dumps(body) if body is not None else None)
+        payload = response.read()
+        return response.status, json.loads(payload) if payload else {}
 
 
 Publish = Callable[[str, bytes, bytes], None]  # (role, key, value)

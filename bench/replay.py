@@ -764,7 +764,7 @@ async def _settle(
 
 def _http_check(settings: Settings, expected: dict[CreativeCell, Counts]) -> list[str]:
     """The serving API's decisions against the log, per creative × audience."""
-    api = HttpSelector(settings.api_host, settings.api_port)
+    api = HttpSelector.local(settings)
     keys = sorted({(c, a) for c, a, _ in expected})
     deadline = time.monotonic() + 15
     while True:

@@ -170,7 +170,7 @@ def latency(
     ctx = mp.get_context("spawn")
     with Supervisor(settings) as sup:
         sup.wait_http_ready()
-        api = HttpSelector(settings.api_host, settings.api_port)
+        api = HttpSelector.local(settings)
         for i in range(4):
             api.register(Creative(creative_id=f"lat-c{i}", campaign="lat", headline=f"Ad {i}"))
         producer = KafkaProducer(

@@ -99,11 +99,12 @@ class TextWorld:
         return self.intrinsic_ctr(creative.headline, creative.description, audience) * fatigue
 
 
-def _http(base: str, method: str, path: str, body: Any = None) -> Any:
+def _http(base: str, method: str, path: str, body: Any = None, token: str = "") -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        base + path, data=data, method=method, headers={"content-type": "application/json"}
-    )
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
@@ -158,12 +159,14 @@ def run_once(
     with deployment(None, **overrides) as settings, Supervisor(settings, roles=roles) as sup:
         sup.wait_http_ready()
         base = f"http://{settings.api_host}:{settings.api_port}"
+        token = sup.admin_token or ""
         for cid, headline in POOL:
             _http(
                 base,
                 "POST",
                 "/v1/creatives",
                 {"creative_id": cid, "campaign": campaign, "headline": headline},
+                token=token,
             )
         if with_loop:
             _http(
@@ -171,7 +174,6 @@ def run_once(
                 "PUT",
                 f"/v1/campaigns/{campaign}/settings",
                 {
-                    "actor": "simulator",
                     "reason": "simulated advertiser opts in",
                     "brief": _builtins(BRIEF),
                     "auto_approve": True,
@@ -181,6 +183,7 @@ def run_once(
                     "n_variants": 6,
                     "audience_descriptions": DESCRIPTIONS,
                 },
+                token=token,
             )
         # Large batches: the embedded broker's fetch cost grows with a partition's batch count.
         producer = KafkaProducer(
@@ -206,7 +209,7 @@ def run_once(
             for impression_id, creative_id, propensity in answer["choices"]:
                 creative = creatives.get(creative_id)
                 if creative is None:
-                    listed = _http(base, "GET", f"/v1/campaigns/{campaign}/creatives")
+                    listed = _http(base, "GET", f"/v1/campaigns/{campaign}/creatives", token=token)
                     creatives = {
                         c["creative_id"]: Creative(
                             **{
@@ -273,7 +276,7 @@ def run_once(
         producer.flush()
         producer.close()
         if with_loop:
-            result.loop = _loop_stats(base, campaign)
+            result.loop = _loop_stats(base, campaign, token)
             result.loop["ctr_models"] = _model_cards(settings.models_path)
     return result
 
@@ -293,9 +296,9 @@ def _builtins(struct: Any) -> Any:
     return msgspec.to_builtins(struct)
 
 
-def _loop_stats(base: str, campaign: str) -> dict[str, Any]:
-    story = _http(base, "GET", f"/v1/campaigns/{campaign}/story")
-    trail = _http(base, "GET", f"/v1/campaigns/{campaign}/audit")["entries"]
+def _loop_stats(base: str, campaign: str, token: str) -> dict[str, Any]:
+    story = _http(base, "GET", f"/v1/campaigns/{campaign}/story", token=token)
+    trail = _http(base, "GET", f"/v1/campaigns/{campaign}/audit", token=token)["entries"]
     generated = [
         c["creative"] for c in story["creatives"] if c["creative"]["origin"] == "generated"
     ]

@@ -120,6 +120,9 @@ class Creative(Record, kw_only=True):
     retired_audiences: Annotated[list[EventKey], msgspec.Meta(max_length=1024)] = []
     # Every status change, oldest first: the creative's story.
     history: Annotated[list[StatusChange], msgspec.Meta(max_length=1000)] = []
+    # Bumped by every write (schemas.versioning): readers apply a record only if it is
+    # newer than what they hold, so a stale or concurrent write cannot undo another.
+    version: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def targets(self, audience: str) -> bool:
         if audience in self.retired_audiences:
@@ -322,6 +325,8 @@ class CampaignSettings(Record, kw_only=True):
     audience_descriptions: dict[str, Annotated[str, msgspec.Meta(max_length=500)]] = {}
     updated_at: Timestamp = 0.0
     updated_by: str = "system"
+    # Bumped by every write; GET .../settings returns it as the ETag (see Creative.version).
+    version: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class AuditEntry(Record, kw_only=True):

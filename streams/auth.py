@@ -241,6 +241,19 @@ def ensure_admin_token(store: TokenStore, secret_path: Path) -> tuple[str, bool]
     return secret, True
 
 
+def ensure_secret_file(path: Path) -> str:
+    """A random secret kept in a 0600 file (made on first use): the embedded stack's
+    audit key."""
+    if path.exists():
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")

@@ -186,6 +186,11 @@ def up(loop: bool, **flags: Any) -> None:
             f"adloop up: broker {live.broker}, API http://{live.api_host}:{live.api_port}, "
             f"logs in {sup.log_dir}. Ctrl-C stops everything."
         )
+        click.echo(
+            f"admin API token in {live.admin_token_path} (mode 0600): "
+            f'curl -H "Authorization: Bearer $(cat {live.admin_token_path})" ...; '
+            "more tokens: adloop tokens create --name NAME --role ROLE"
+        )
         try:
             while True:
                 sup.supervise()

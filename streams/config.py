@@ -200,8 +200,6 @@ class ServingSettings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8080
-    # Bearer tokens (streams/auth.py), hashed; unset = <data_dir>/tokens.json.
-    tokens_file: Path | None = None
     # Whether POST /v1/select needs an `exchange` token. "auto": only when the API
     # binds anything but loopback.
     select_requires_token: Literal["auto", "true", "false"] = "auto"
@@ -210,6 +208,39 @@ class ServingSettings(BaseSettings):
         if self.select_requires_token != "auto":
             return self.select_requires_token == "true"
         return self.api_host not in ("127.0.0.1", "localhost", "::1")
+
+
+class SecuritySettings(BaseSettings):
+    """Tokens, the audit key and personal data (README: Security)."""
+
+    model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
+
+    # Bearer tokens (streams/auth.py), hashed; unset = <data_dir>/tokens.json.
+    tokens_file: Path | None = None
+    # Key of the audit trail's HMAC chain (schemas/audit.py); unset = plain SHA-256
+    # chains, which show edits and gaps but not forgeries. `adloop up` makes one.
+    audit_key: str | None = Field(default=None, min_length=16)
+    # Context keys kept (glob patterns, comma-separated); others are dropped.
+    context_keys: str | None = None
+    # Fields (top level or in context) replaced by keyed hashes; comma-separated.
+    personal_fields: str = ""
+    # JSON {"<key id>": "<secret>"}: keys of those hashes; the highest id signs.
+    privacy_keys: str | None = None
+
+    def privacy_policy(self) -> Any:
+        from adloop.schemas.privacy import DEFAULT_CONTEXT_KEYS, PrivacyPolicy, parse_keys
+
+        keys = tuple(k.strip() for k in (self.context_keys or "").split(",") if k.strip())
+        return PrivacyPolicy(
+            context_keys=keys or DEFAULT_CONTEXT_KEYS,
+            personal_fields=frozenset(
+                f.strip() for f in self.personal_fields.split(",") if f.strip()
+            ),
+            keys=parse_keys(self.privacy_keys),
+        )
+
+    def audit_key_bytes(self) -> bytes | None:
+        return self.audit_key.encode() if self.audit_key else None
 
 
 class MetricsSettings(BaseSettings):
@@ -249,6 +280,7 @@ class Settings(
     EngineSettings,
     WorkerSettings,
     ServingSettings,
+    SecuritySettings,
     MetricsSettings,
     LoopSettings,
     GeneratorSettings,

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 import time
+import uuid
 from collections import Counter, defaultdict
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
-from msgspec import structs
 
 from adloop.schemas import (
     AuditEntry,
@@ -31,6 +33,8 @@ from adloop.schemas import (
     StatusChange,
     decision_key,
 )
+from adloop.schemas.audit import AuditChain
+from adloop.schemas.versioning import bump
 from adloop.streams.config import Settings, TopicRole
 from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import producer_kwargs
@@ -55,7 +59,7 @@ def retire_in_audience(creative: Creative, retirement: Retirement, actor: str) -
         reason=retirement.reason,
         audience=retirement.audience,
     )
-    return structs.replace(
+    return bump(
         creative,
         retired_audiences=retired,
         status=status,
@@ -86,6 +90,8 @@ class LoopController:
             Follower(settings, "audit", self._on_audit),
         ]
         self._producer: AIOKafkaProducer | None = None
+        writer = f"loop-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.audit_chain = AuditChain(writer, settings.audit_key_bytes())
 
     # -- state from the topics ----------------------------------------------------------
     def _on_request(self, r: GenerationRequest) -> None:
@@ -120,7 +126,8 @@ class LoopController:
 
     async def _audit(self, campaign: str, action: str, reason: str, **fields: Any) -> None:
         """One entry in the campaign's audit trail (keyed by campaign)."""
-        await self._send("audit", campaign, audit(campaign, action, reason, **fields))
+        entry = self.audit_chain.seal(audit(campaign, action, reason, **fields))
+        await self._send("audit", campaign, entry)
 
     async def _send(self, role: TopicRole, key: str, value: msgspec.Struct) -> None:
         assert self._producer is not None

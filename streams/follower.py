@@ -31,6 +31,8 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from adloop.schemas.validation import classify
+from adloop.schemas.versioning import accept
+from adloop.streams import metrics
 from adloop.streams.config import Settings
 from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, fetched_end_offsets
 from adloop.streams.topology import TOPOLOGY, TopicRole
@@ -141,8 +143,15 @@ class Follower(Generic[R]):
         if key_of is None:
             raise ValueError(f"topic role {role} has no key derived from its values")
 
+        versioned = "version" in getattr(TOPOLOGY[role].record, "__struct_fields__", ())
+
         def put(value: R) -> None:
-            table[key_of(value)] = value
+            key = key_of(value)
+            # Versioned records (campaign settings): only a newer write replaces the
+            # current one, the same decision on every reader (schemas/versioning.py).
+            if versioned and accept(table.get(key), value) is not None:
+                return
+            table[key] = value
 
         return cls(settings, role, put, fetch_max_wait_ms=fetch_max_wait_ms)
 
@@ -290,6 +299,7 @@ class Follower(Generic[R]):
         )
         self.errors[reason] += 1
         self.last_error = error
+        metrics.FOLLOWER_ERRORS.labels(self.role, reason).inc()
         log.error(
             "follower skipped a record" if record is not None else "follower fetch failed",
             extra={

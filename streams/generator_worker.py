@@ -89,6 +89,7 @@ def candidate_creatives(
                 prior_strength=prior_strength(mean, float(score.std)),
                 status="active" if live else "pending_review",
                 created_at=now,
+                version=1,
                 lineage=Lineage(
                     request_id=request.request_id,
                     prompt_version=prompt_version,

@@ -13,13 +13,16 @@ from typing import Any
 import msgspec
 
 from adloop.schemas import CampaignSettings, Creative, Decision
+from adloop.streams.auth import ROUTE_PERMISSIONS
 from adloop.streams.serving import (
     BatchSelectRequest,
     BatchSelectResponse,
     BestResponse,
+    CreativeDraft,
     CreativeList,
     ErrorResponse,
     Health,
+    Readiness,
     SelectRequest,
     SelectResponse,
 )
@@ -42,7 +45,7 @@ def _creative_action(verb: str, what: str, returns: type) -> tuple:
             200: ("done; the updated record", returns),
             400: ("invalid body", ErrorResponse),
             404: ("unknown creative", ErrorResponse),
-            409: ("not allowed from the creative's status", ErrorResponse),
+            409: ("not allowed from the creative's status, or a concurrent write", ErrorResponse),
         },
         [_CREATIVE],
     )
@@ -51,6 +54,22 @@ def _creative_action(verb: str, what: str, returns: type) -> tuple:
 # (method, path, summary, request type, {status: (description, type)}, path params)
 ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list[dict]]] = [
     ("get", "/healthz", "Liveness and what the server knows", None, {200: ("ok", Health)}, []),
+    (
+        "get",
+        "/readyz",
+        "Readiness: followers caught up and running, newest decision's age, decode errors",
+        None,
+        {200: ("ready", Readiness), 503: ("not ready; reasons listed", Readiness)},
+        [],
+    ),
+    (
+        "get",
+        "/metrics",
+        "Prometheus metrics (text exposition format)",
+        None,
+        {200: ("metrics", str)},
+        [],
+    ),
     (
         "post",
         "/v1/select",
@@ -78,12 +97,18 @@ ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list
     (
         "post",
         "/v1/creatives",
-        "Register (or update) a human-written creative",
-        Creative,
+        "Register a human-written creative (active), or edit one's text (back to review). "
+        "Status, origin, lineage, history and priors are adloop's: unknown fields are refused",
+        CreativeDraft,
         {
+            200: ("edited (pending review), or unchanged", Creative),
             201: ("registered", Creative),
-            400: ("invalid creative", ErrorResponse),
-            409: ("creative_id belongs to another campaign", ErrorResponse),
+            400: ("invalid creative or unknown field", ErrorResponse),
+            409: (
+                "creative_id belongs to another campaign; a generated, rejected or retired "
+                "creative; or a concurrent write won",
+                ErrorResponse,
+            ),
         },
         [],
     ),
@@ -128,9 +153,14 @@ ROUTES: list[tuple[str, str, str, type | None, dict[int, tuple[str, type]], list
     (
         "put",
         "/v1/campaigns/{campaign}/settings",
-        "Change settings (fields given only); recorded in the audit trail with the actor",
+        "Change settings (fields given only; brief and audience descriptions: editor, the "
+        "rest: admin). If-Match: the ETag of GET. One audit entry with the field diff",
         SettingsUpdate,
-        {200: ("new settings", CampaignSettings), 400: ("invalid body", ErrorResponse)},
+        {
+            200: ("new settings", CampaignSettings),
+            400: ("invalid body, unknown field or unsafe text", ErrorResponse),
+            409: ("stale If-Match, or a concurrent write won", ErrorResponse),
+        },
         [_CAMPAIGN],
     ),
     (
@@ -170,7 +200,8 @@ def build() -> dict[str, Any]:
     for _, _, _, request, responses, _ in ROUTES:
         if request is not None:
             types.append(request)
-        types.extend(t for _, t in responses.values())
+        types.extend(t for _, t in responses.values() if t is not str)
+    types.append(ErrorResponse)
     unique = list(dict.fromkeys(types))
     schemas, components = msgspec.json.schema_components(
         unique, ref_template="#/components/schemas/{name}"
@@ -178,16 +209,32 @@ def build() -> dict[str, Any]:
     ref = dict(zip(unique, schemas, strict=True))
     paths: dict[str, Any] = {}
     for method, path, summary, request, responses, params in ROUTES:
+        permission = ROUTE_PERMISSIONS[(method.upper(), path)]
+        content = {
+            status: (
+                {"text/plain": {"schema": {"type": "string"}}}
+                if rtype is str
+                else {"application/json": {"schema": ref[rtype]}}
+            )
+            for status, (_, rtype) in responses.items()
+        }
         operation: dict[str, Any] = {
             "summary": summary,
             "responses": {
-                str(status): {
-                    "description": description,
-                    "content": {"application/json": {"schema": ref[rtype]}},
-                }
-                for status, (description, rtype) in responses.items()
+                str(status): {"description": description, "content": content[status]}
+                for status, (description, _) in responses.items()
             },
         }
+        if permission is not None:
+            # streams/auth.py: the role permission this route needs.
+            operation["security"] = [{"bearer": []}]
+            operation["x-adloop-permission"] = permission
+            error = {"application/json": {"schema": ref[ErrorResponse]}}
+            operation["responses"]["401"] = {"description": "no or bad token", "content": error}
+            operation["responses"]["403"] = {
+                "description": "the token's role or campaigns do not allow it",
+                "content": error,
+            }
         if params:
             operation["parameters"] = params
         if request is not None:
@@ -205,7 +252,10 @@ def build() -> dict[str, Any]:
             "the loop (settings, review, pins, story, audit).",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
     }
 
 

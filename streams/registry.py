@@ -7,10 +7,12 @@ creatives topic (no consumer group: each process needs all).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adloop.schemas import Creative
+from adloop.schemas.versioning import accept
 from adloop.streams.config import Settings
 from adloop.streams.follower import Follower
 
@@ -20,14 +22,21 @@ class CreativeRegistry:
     creatives: dict[str, Creative] = field(default_factory=dict)
     by_campaign: dict[str, dict[str, Creative]] = field(default_factory=dict)
     version: int = 0  # bumped on every change, so caches know when to refresh
+    # Records not applied, by reason (schemas.versioning.accept): stale, lost races,
+    # ids claimed by another campaign.
+    ignored: Counter[str] = field(default_factory=Counter)
 
-    def put(self, creative: Creative) -> None:
+    def put(self, creative: Creative) -> bool:
+        """Apply a record if it wins (see schemas/versioning.py); False when ignored."""
         old = self.creatives.get(creative.creative_id)
-        if old is not None and old.campaign != creative.campaign:
-            self.by_campaign.get(old.campaign, {}).pop(creative.creative_id, None)
+        why = accept(old, creative)
+        if why is not None:
+            self.ignored[why] += 1
+            return False
         self.creatives[creative.creative_id] = creative
         self.by_campaign.setdefault(creative.campaign, {})[creative.creative_id] = creative
         self.version += 1
+        return True
 
     def get(self, creative_id: str) -> Creative | None:
         return self.creatives.get(creative_id)
@@ -58,8 +67,7 @@ def registry_follower(
     """A follower that applies every creatives-topic record to ``registry``."""
 
     def apply(creative: Creative) -> None:
-        registry.put(creative)
-        if on_change is not None:
+        if registry.put(creative) and on_change is not None:
             on_change(creative)
 
     # Creatives change rarely: poll gently; sync() catches up on demand.

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,26 +26,48 @@ import msgspec
 import numpy as np
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adloop.bandit import BetaPrior, CreativeEngine
-from adloop.schemas import Creative, Decision, RecordDecoder, decision_key
-from adloop.schemas.records import ContextValue, Identifier
-from adloop.schemas.validation import InvalidRecord
+from adloop.schemas import Creative, Decision, StatusChange, decision_key
+from adloop.schemas.audit import AuditChain
+from adloop.schemas.records import Identifier
+from adloop.schemas.versioning import bump
+from adloop.streams import metrics
+from adloop.streams.auth import TokenStore, auth_middleware, principal_of
 from adloop.streams.config import Settings
 from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import producer_kwargs
+from adloop.streams.loop import audit
 from adloop.streams.posterior import prior_for
 from adloop.streams.registry import CreativeRegistry, registry_follower
-from adloop.streams.steering import Steering
+from adloop.streams.steering import Steering, _diff, _unsafe_text, validate_identifier
 
 log = logging.getLogger("adloop.serve")
+
+
+ContextKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+BoundedContextValue = Annotated[str, msgspec.Meta(max_length=256)] | int | float | bool
 
 
 class SelectRequest(msgspec.Struct, kw_only=True):
     campaign: Identifier
     audience: Identifier
     placement: Identifier = "default"
-    context: dict[Annotated[str, msgspec.Meta(max_length=64)], ContextValue] = {}
+    # Bounded: 64 features of at most 256 characters (a request is never a payload).
+    context: Annotated[dict[ContextKey, BoundedContextValue], msgspec.Meta(max_length=64)] = {}
+
+
+class CreativeDraft(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a person authors when registering or editing a creative. Everything else
+    (status, origin, lineage, history, priors, version) is adloop's alone."""
+
+    creative_id: Identifier
+    campaign: Identifier
+    headline: Annotated[str, msgspec.Meta(min_length=1, max_length=90)]
+    description: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    audiences: Annotated[list[Identifier], msgspec.Meta(max_length=256)] = []
+    reason: Annotated[str, msgspec.Meta(max_length=1000)] = ""
 
 
 class BatchSelectRequest(SelectRequest, kw_only=True):
@@ -114,7 +139,19 @@ class Health(msgspec.Struct, kw_only=True):
     decisions: int
 
 
+class Readiness(msgspec.Struct, kw_only=True):
+    ready: bool
+    reasons: list[str]
+    newest_decision_age_s: float | None
+    followers: list[dict[str, Any]]
+    registry_ignored: dict[str, int]
+
+
 _json = msgspec.json.Encoder()
+_creative_decoder = msgspec.json.Decoder(Creative)
+#: Selections cached per campaign|audience|placement (LRU): bounded whatever audiences
+#: callers send.
+SELECTION_CACHE_SIZE = 10_000
 
 
 def _respond(body: msgspec.Struct, status: int = 200) -> web.Response:
@@ -143,17 +180,32 @@ class ServingApi:
         # The latest decision per campaign|audience. Selection waits on it, so it polls
         # with the configured (short) fetch wait, not the followers' gentle one.
         self.decisions: dict[str, Decision] = {}
-        self.decision_follower = Follower.latest(
-            settings, "decisions", self.decisions, fetch_max_wait_ms=settings.fetch_wait_ms
+        self.decision_follower = Follower(
+            settings, "decisions", self._on_decision, fetch_max_wait_ms=settings.fetch_wait_ms
         )
         self.rng = np.random.default_rng()
         self.engine_config = settings.engine_config()
-        self._selections: dict[str, _Selection] = {}
+        self._selections: OrderedDict[str, _Selection] = OrderedDict()
         self._producer: AIOKafkaProducer | None = None
         self._select_decoder = msgspec.json.Decoder(SelectRequest)
         self._batch_decoder = msgspec.json.Decoder(BatchSelectRequest)
-        self._creative_decoder = RecordDecoder(Creative, settings.max_payload_bytes)
+        self._draft_decoder = msgspec.json.Decoder(CreativeDraft)
+        self.tokens = TokenStore(settings.tokens_path)
+        # This process's audit chains (schemas/audit.py): one writer id per process.
+        writer = f"serve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.audit_chain = AuditChain(writer, settings.audit_key_bytes())
+        self._newest_decision_at = 0.0
         self.steering = Steering(self)
+
+    def _on_decision(self, decision: Decision) -> None:
+        self.decisions[decision_key(decision.campaign, decision.audience)] = decision
+        now = time.time()
+        self._newest_decision_at = max(self._newest_decision_at, decision.updated_at)
+        if decision.last_event_at:
+            # Newest event counted -> visible here: the click -> decision latency.
+            metrics.EVENT_TO_DECISION.labels("serve").observe(
+                max(0.0, now - decision.last_event_at)
+            )
 
     @property
     def followers(self) -> list[Follower[Any]]:
@@ -175,10 +227,13 @@ class ServingApi:
             await self._producer.stop()
 
     def web_app(self) -> web.Application:
-        app = web.Application(middlewares=[_error_middleware], client_max_size=1024 * 1024)
+        auth = auth_middleware(self.tokens, self.settings.requires_select_token())
+        app = web.Application(middlewares=[_error_middleware, auth], client_max_size=1024 * 1024)
         app.add_routes(
             [
                 web.get("/healthz", self.health),
+                web.get("/readyz", self.ready),
+                web.get("/metrics", self.metrics),
                 web.post("/v1/select", self.select),
                 web.post("/v1/select/batch", self.select_batch),
                 web.post("/v1/creatives", self.register_creative),
@@ -211,6 +266,7 @@ class ServingApi:
         version = (self.registry.version, decision.updated_at if decision else 0.0)
         cached = self._selections.get(cache_key)
         if cached is not None and cached.version == version:
+            self._selections.move_to_end(cache_key)
             return cached
         creatives = self.registry.servable(campaign, audience)
         if not creatives:
@@ -234,6 +290,9 @@ class ServingApi:
             decision.policy if decision else self.settings.policy,
         )
         self._selections[cache_key] = cached
+        self._selections.move_to_end(cache_key)
+        while len(self._selections) > SELECTION_CACHE_SIZE:
+            self._selections.popitem(last=False)
         return cached
 
     @staticmethod
@@ -277,6 +336,7 @@ class ServingApi:
             body = self._batch_decoder.decode(await request.read())
         except msgspec.MsgspecError as exc:
             return _error(400, "invalid_request", f"select body: {exc}")
+        principal_of(request).require("select", body.campaign)
         chosen = self._choose(body)
         if isinstance(chosen, web.Response):
             return chosen
@@ -323,16 +383,19 @@ class ServingApi:
         return chosen
 
     async def select(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
         try:
             body = self._select_decoder.decode(await request.read())
         except msgspec.MsgspecError as exc:
             return _error(400, "invalid_request", f"select body: {exc}")
+        principal_of(request).require("select", body.campaign)
         chosen = self._choose(body)
         if isinstance(chosen, web.Response):
             return chosen
         index = int(np.searchsorted(chosen.cumulative, self.rng.random(), side="right"))
         index = min(index, len(chosen.creatives) - 1)
         creative = chosen.creatives[index]
+        metrics.SELECT_SECONDS.observe(time.perf_counter() - started)
         return _respond(
             SelectResponse(
                 impression_id=uuid.uuid4().hex,
@@ -427,31 +490,201 @@ class ServingApi:
             )
         )
 
+    def readiness(self) -> Readiness:
+        reasons = []
+        statuses = [f.status() for f in self.followers]
+        for status in statuses:
+            if not status.caught_up:
+                reasons.append(f"{status.topic}: not caught up")
+            if not status.running:
+                reasons.append(f"{status.topic}: not running ({status.last_error})")
+        age = time.time() - self._newest_decision_at if self._newest_decision_at else None
+        ready = not reasons
+        metrics.READY.labels("serve").set(1.0 if ready else 0.0)
+        return Readiness(
+            ready=ready,
+            reasons=reasons,
+            newest_decision_age_s=round(age, 3) if age is not None else None,
+            followers=[
+                msgspec.structs.asdict(s) if isinstance(s, msgspec.Struct) else vars(s)
+                for s in statuses
+            ],
+            registry_ignored=dict(self.registry.ignored),
+        )
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """503 until every follower has caught up (and while one is down); the body says
+        which, with each follower's decode errors and the newest decision's age."""
+        readiness = self.readiness()
+        return web.Response(
+            body=msgspec.json.encode(readiness, enc_hook=str),
+            status=200 if readiness.ready else 503,
+            content_type="application/json",
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self._newest_decision_at:
+            metrics.DECISION_AGE.set(time.time() - self._newest_decision_at)
+        self.readiness()
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     # -- writes -----------------------------------------------------------------------
-    async def register_creative(self, request: web.Request) -> web.Response:
+    async def publish_creative(self, creative: Creative) -> web.Response | None:
+        """Validate with the readers' decoder, publish, read back: None when ours won
+        (schemas/versioning.py), else the 409 saying what happened."""
         try:
-            creative = self._creative_decoder.decode(await request.read())
-        except InvalidRecord as exc:
-            return _error(400, exc.code, exc.reason)
-        existing = self.registry.get(creative.creative_id)
-        if existing is not None and existing.campaign != creative.campaign:
+            creative = _creative_decoder.decode(_json.encode(creative))
+        except msgspec.ValidationError as exc:
+            return _error(400, "invalid_request", f"creative: {exc}")
+        assert self._producer is not None
+        topic = self.settings.topic("creatives")
+        key = creative.creative_id.encode()
+        await self._producer.send_and_wait(topic, _json.encode(creative), key=key)
+        await self.registry_follower.sync(timeout=10.0)
+        current = self.registry.get(creative.creative_id)
+        if current == creative:
+            return None
+        if current is not None:
+            # The winner stays the last record of its key, whatever compaction keeps.
+            await self._producer.send_and_wait(topic, _json.encode(current), key=key)
+        if current is not None and current.campaign != creative.campaign:
             return _error(
                 409,
                 "creative_id_taken",
                 f"creative {creative.creative_id!r} belongs to campaign "
-                f"{existing.campaign!r}; choose another id",
+                f"{current.campaign!r}; choose another id",
             )
-        if not creative.created_at:
-            creative = msgspec.structs.replace(creative, created_at=time.time())
-        assert self._producer is not None
-        await self._producer.send_and_wait(
-            self.settings.topic("creatives"),
-            _json.encode(creative),
-            key=creative.creative_id.encode(),
+        return _error(
+            409,
+            "write_conflict",
+            f"creative {creative.creative_id!r} changed concurrently (now version "
+            f"{current.version if current else 0}); read it again and retry",
         )
-        # Read-your-writes: the follower will apply the same record again.
-        self.registry.put(creative)
-        return _respond(creative, 201)
+
+    async def register_creative(self, request: web.Request) -> web.Response:
+        """Register a human-written creative, or edit one's text (back to review)."""
+        try:
+            draft = self._draft_decoder.decode(await request.read())
+        except msgspec.MsgspecError as exc:
+            return _error(
+                400,
+                "invalid_request",
+                f"creative body: {exc} (clients set creative_id, campaign, headline, "
+                "description, audiences; status, origin, lineage, history and priors are "
+                "adloop's)",
+            )
+        principal = principal_of(request)
+        principal.require("edit", draft.campaign)
+        unsafe = [s for s in (draft.headline, draft.description) if _unsafe_text(s)]
+        if unsafe:
+            return _error(
+                400, "invalid_text", "headline/description with control or bidi characters"
+            )
+        for audience in draft.audiences:
+            bad = validate_identifier(audience, "audience")
+            if bad is not None:
+                return bad
+        now = time.time()
+        async with self.steering._locks[f"creative:{draft.creative_id}"]:
+            existing = self.registry.get(draft.creative_id)
+            if existing is None:
+                creative = Creative(
+                    creative_id=draft.creative_id,
+                    campaign=draft.campaign,
+                    headline=draft.headline,
+                    description=draft.description,
+                    audiences=draft.audiences,
+                    origin="human",
+                    status="active",
+                    created_at=now,
+                    version=1,
+                    history=[
+                        StatusChange(
+                            at=now,
+                            actor=principal.actor,
+                            action="registered",
+                            status="active",
+                            reason=draft.reason,
+                        )
+                    ],
+                )
+                action, details, status_code = "creative_registered", {}, 201
+            else:
+                refused = _refuse_edit(existing, draft)
+                if refused is not None:
+                    return refused
+                fields = ("headline", "description", "audiences")
+                if all(getattr(existing, f) == getattr(draft, f) for f in fields):
+                    return _respond(existing)  # nothing changed: no write, no audit entry
+                # An edited text is a new ad: a person reviews it before it serves again.
+                status = "pending_review" if existing.status == "active" else existing.status
+                creative = bump(
+                    existing,
+                    headline=draft.headline,
+                    description=draft.description,
+                    audiences=draft.audiences,
+                    status=status,
+                    history=[
+                        *existing.history,
+                        StatusChange(
+                            at=now,
+                            actor=principal.actor,
+                            action="edited",
+                            status=status,
+                            reason=draft.reason,
+                        ),
+                    ],
+                )
+                action, status_code = "creative_edited", 200
+                details = {
+                    **{
+                        k: v
+                        for f in fields
+                        for k, v in _diff(getattr(existing, f), getattr(draft, f), f).items()
+                    },
+                    "from_status": existing.status,
+                    "to_status": status,
+                }
+            failed = await self.publish_creative(creative)
+            if failed is not None:
+                return failed
+            await self.steering._record(
+                audit(
+                    creative.campaign,
+                    action,
+                    draft.reason,
+                    actor=principal.actor,
+                    creative_id=creative.creative_id,
+                    version=creative.version,
+                    **details,
+                )
+            )
+        return _respond(creative, status_code)
+
+
+def _refuse_edit(existing: Creative, draft: CreativeDraft) -> web.Response | None:
+    if existing.campaign != draft.campaign:
+        return _error(
+            409,
+            "creative_id_taken",
+            f"creative {draft.creative_id!r} belongs to campaign {existing.campaign!r}; "
+            "choose another id",
+        )
+    if existing.origin == "generated":
+        return _error(
+            409,
+            "generated_creative",
+            f"creative {draft.creative_id!r} was generated: only review actions (approve, "
+            "reject, pin) change it; register your own text under a new id",
+        )
+    if existing.status in ("rejected", "retired"):
+        return _error(
+            409,
+            "creative_closed",
+            f"creative {draft.creative_id!r} is {existing.status}; it does not come back by "
+            "an edit: register the text under a new id",
+        )
+    return None
 
 
 @web.middleware
@@ -459,6 +692,14 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         return await handler(request)
     except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type == "application/json":
+            # Already an API error (auth's 401/403): keep its code and message.
+            return web.Response(
+                text=exc.text,
+                status=exc.status,
+                content_type="application/json",
+                headers={k: v for k, v in exc.headers.items() if k == "WWW-Authenticate"},
+            )
         if exc.status >= 400:
             return _error(
                 exc.status,

@@ -125,6 +125,25 @@ class Supervisor:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.policy = policy or RestartPolicy()
         self.health: dict[str, RoleHealth] = {}
+        self.admin_token: str | None = None
+        self._secure()
+
+    def _secure(self) -> None:
+        """The local stack's admin token and audit key, made on first start (0600 files
+        in the data dir); a configured audit key is kept."""
+        from adloop.streams.auth import TokenStore, ensure_admin_token, ensure_secret_file
+
+        if self.settings.audit_key is None:
+            key = ensure_secret_file(self.settings.data_dir / "audit-key")
+            self.settings = self.settings.with_overrides(audit_key=key)
+        self.admin_token, created = ensure_admin_token(
+            TokenStore(self.settings.tokens_path), self.settings.admin_token_path
+        )
+        if created:
+            log.info(
+                "created the local admin token",
+                extra={"path": str(self.settings.admin_token_path), "mode": "0600"},
+            )
 
     def log_path(self, role: str) -> Path:
         return self.log_dir / f"{role}.log"

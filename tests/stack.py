@@ -34,7 +34,7 @@ class Stack:
     def start(self) -> Stack:
         self.sup.start()
         self.sup.wait_http_ready()
-        self.api = HttpSelector(self.settings.api_host, self.settings.api_port)
+        self.api = HttpSelector.local(self.settings)
         return self
 
     def stop(self) -> None:

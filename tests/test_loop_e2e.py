@@ -10,7 +10,6 @@ creative is served. Its story is complete.
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,17 +25,8 @@ pytestmark = pytest.mark.integration
 
 
 def call(stack: Stack, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        f"http://{stack.settings.api_host}:{stack.settings.api_port}{path}",
-        data=json.dumps(body).encode() if body is not None else None,
-        method=method,
-        headers={"content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    assert stack.api is not None
+    return stack.api.call(method, path, body)
 
 
 @pytest.fixture
@@ -65,7 +55,6 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
         "PUT",
         "/v1/campaigns/shoes/settings",
         {
-            "actor": "human:alice",
             "reason": "start the loop, with review",
             "brief": {"product": "running shoes", "key_message": "light, fast, 30% off"},
             "auto_approve": False,
@@ -121,13 +110,11 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
         stack,
         "POST",
         f"/v1/creatives/{chosen['creative_id']}/approve",
-        {"actor": "human:alice", "reason": "on brand"},
+        {"reason": "on brand"},
     )
     assert status == 200 and approved["status"] == "active"
     # Approving twice is refused with the reason.
-    status, again = call(
-        stack, "POST", f"/v1/creatives/{chosen['creative_id']}/approve", {"actor": "human:alice"}
-    )
+    status, again = call(stack, "POST", f"/v1/creatives/{chosen['creative_id']}/approve", {})
     assert status == 409 and again["error"] == "invalid_status"
 
     def c2_retired() -> bool:
@@ -154,7 +141,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     }
     mine = story[chosen["creative_id"]]
     assert [h["action"] for h in mine["creative"]["history"]] == ["created", "approved"]
-    assert mine["creative"]["history"][1]["actor"] == "human:alice"
+    assert mine["creative"]["history"][1]["actor"] == "human:local-admin"
     assert mine["prior_ctr"] == chosen["predicted_ctr"]
     assert mine["creative"]["lineage"]["request_id"]
     old = story["c2"]["creative"]["history"][-1]

@@ -166,10 +166,11 @@ def run_demo(
     with Supervisor(settings, roles=roles) as sup:
         console.print(
             f"[bold]adloop demo[/]: broker {settings.broker}, API "
-            f"http://{settings.api_host}:{settings.api_port}, logs in {sup.log_dir}"
+            f"http://{settings.api_host}:{settings.api_port}, logs in {sup.log_dir}, "
+            f"admin token in {settings.admin_token_path} (mode 0600)"
         )
         sup.wait_http_ready()
-        api = HttpSelector(settings.api_host, settings.api_port)
+        api = HttpSelector.local(settings)
         for creative in scenario.creatives:
             api.register(creative)
         if loop:
@@ -239,7 +240,6 @@ def _opt_in(api: HttpSelector, campaign: str) -> None:
     from adloop.bench.textsim import BRIEF, DESCRIPTIONS
 
     body = {
-        "actor": "human:demo-advertiser",
         "reason": "demo: generated variants may go live without review",
         "brief": msgspec.to_builtins(BRIEF),
         "auto_approve": True,
