@@ -22,6 +22,8 @@ and audit entry is the token's name (``human:<name>``), never a field of the bod
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -29,7 +31,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,9 +174,22 @@ class TokenStore:
         self._records = {r["token_id"]: TokenRecord(**r) for r in raw}
         self._mtime = mtime
 
-    def _save(self) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (two `adloop tokens create` at once lose nothing)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._mtime = None  # re-read under the lock
+            self.load()
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump([asdict(r) for r in self._records.values()], f, indent=2)
@@ -196,21 +211,21 @@ class TokenStore:
         if role not in ROLE_PERMISSIONS:
             raise ValueError(f"role {role!r}: one of {', '.join(ROLES)}")
         scope = sorted(set(campaigns)) or [ANY_CAMPAIGN]
-        self.load()
         token_id = secrets.token_hex(6)
         secret = f"adl_{token_id}_{secrets.token_urlsafe(32)}"
         record = TokenRecord(token_id, name, role, scope, digest(secret), time.time())
-        self._records[token_id] = record
-        self._save()
+        with self._locked():
+            self._records[token_id] = record
+            self._save()
         return record, secret
 
     def revoke(self, token_id: str) -> TokenRecord:
-        self.load()
-        record = self._records.get(token_id)
-        if record is None:
-            raise KeyError(f"no token {token_id!r}; `adloop tokens list` shows them")
-        record.revoked_at = time.time()
-        self._save()
+        with self._locked():
+            record = self._records.get(token_id)
+            if record is None:
+                raise KeyError(f"no token {token_id!r}; `adloop tokens list` shows them")
+            record.revoked_at = time.time()
+            self._save()
         return record
 
     def authenticate(self, secret_token: str) -> Principal | None:

@@ -277,3 +277,52 @@ def tokens_revoke(token_id: str, data_dir: Path | None) -> None:
     except KeyError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"revoked {record.token_id} ({record.name})")
+
+
+@click.group()
+def audit() -> None:
+    """The audit trail: verify its hash chains."""
+
+
+async def _read_audit(settings: Settings) -> tuple[list[Any], dict[str, int]]:
+    from adloop.streams.follower import Follower
+
+    entries: list[Any] = []
+    follower = Follower(settings, "audit", entries.append)
+    await follower.start()
+    try:
+        await follower.wait_caught_up(timeout=120.0)
+    finally:
+        await follower.stop()
+    return entries, dict(follower.errors)
+
+
+@audit.command("verify")
+@settings_options
+@click.option("--campaign", help="only this campaign's chains")
+def audit_verify(campaign: str | None, **flags: Any) -> None:
+    """Check every entry's hash, link and sequence (ADLOOP_AUDIT_KEY: the same key the
+    roles use; the local stack's is <data-dir>/audit-key). Exit 1 on any problem."""
+    from adloop.schemas.audit import verify
+
+    settings = load(**flags)
+    if not settings.broker:
+        raise click.UsageError("set --broker/ADLOOP_BROKER: the audit trail lives on Kafka")
+    key_file = settings.data_dir / "audit-key"
+    if settings.audit_key is None and key_file.exists():
+        settings = settings.with_overrides(audit_key=key_file.read_text().strip())
+    entries, undecodable = asyncio.run(_read_audit(settings))
+    if campaign:
+        entries = [e for e in entries if e.campaign == campaign]
+    result = verify(entries, settings.audit_key_bytes())
+    keyed = "HMAC" if settings.audit_key else "SHA-256 (no ADLOOP_AUDIT_KEY: forgeries pass)"
+    click.echo(f"{result.entries} entries, {len(result.chains)} chains, {keyed}")
+    for (camp, writer), (seq, digest) in sorted(result.chains.items()):
+        click.echo(f"  {camp} / {writer}: head #{seq} {digest[:16]}")
+    for reason, count in sorted(undecodable.items()):
+        click.echo(f"UNDECODABLE: {count} record(s) ({reason})")
+    for problem in result.problems:
+        click.echo(f"PROBLEM: {problem}")
+    if result.problems or undecodable:
+        sys.exit(1)
+    click.echo("audit trail verified")

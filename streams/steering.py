@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 import unicodedata
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -167,7 +167,12 @@ class Steering:
     def __init__(self, api: ServingApi, audit_keep: int = 1000) -> None:
         self.api = api
         self.campaigns: dict[str, CampaignSettings] = {}
-        self.audit_log: dict[str, deque[AuditEntry]] = defaultdict(lambda: deque(maxlen=audit_keep))
+        # The newest entries per campaign, once each: this replica appends its own entries
+        # at once and meets them again on the topic (keyed by writer and sequence).
+        self.audit_keep = audit_keep
+        self.audit_log: dict[str, OrderedDict[tuple[str, int] | int, AuditEntry]] = defaultdict(
+            OrderedDict
+        )
         self.followers: list[Follower[Any]] = [
             Follower.latest(api.settings, "campaigns", self.campaigns),
             Follower(api.settings, "audit", self._on_audit),
@@ -178,7 +183,10 @@ class Steering:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def _on_audit(self, a: AuditEntry) -> None:
-        self.audit_log[a.campaign].append(a)
+        entries = self.audit_log[a.campaign]
+        entries[(a.writer, a.seq) if a.writer else id(a)] = a
+        while len(entries) > self.audit_keep:
+            entries.popitem(last=False)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -488,5 +496,5 @@ class Steering:
 
     async def audit_trail(self, request: web.Request) -> web.Response:
         campaign = request.match_info["campaign"]
-        entries = list(reversed(self.audit_log.get(campaign, deque())))
+        entries = list(reversed(self.audit_log.get(campaign, OrderedDict()).values()))
         return _respond(AuditTrail(campaign=campaign, entries=entries))

@@ -36,6 +36,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "up": "adloop.streams.commands:up",
     "schemas": "adloop.streams.commands:schemas",
     "tokens": "adloop.streams.commands:tokens",
+    "audit": "adloop.streams.commands:audit",
     "generate": "adloop.generator.cli:generate",
     "train-ctr": "adloop.generator.ctr_cli:train_ctr",
     "bench": "adloop.bench.cli:bench",
