@@ -35,6 +35,7 @@ from adloop.schemas import (
 )
 from adloop.schemas.audit import AuditChain
 from adloop.schemas.versioning import bump
+from adloop.streams import metrics
 from adloop.streams.config import Settings, TopicRole
 from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import producer_kwargs
@@ -182,6 +183,7 @@ class LoopController:
             if p.request is not None:
                 r = p.request
                 await self._send("generation_requests", r.request_id, r)
+                metrics.GENERATION_REQUESTS.inc()
                 self._on_request(r)
                 await self._audit(
                     decision.campaign,
@@ -298,4 +300,5 @@ class LoopController:
 def run_loop(settings: Settings) -> None:
     from adloop.streams.broker import run_until_signal
 
+    metrics.serve_metrics(settings.metrics_host, settings.metrics_port, "loop")
     run_until_signal(LoopController(settings).run, log)

@@ -42,6 +42,7 @@ from adloop.schemas import (
     Lineage,
     StatusChange,
 )
+from adloop.streams import metrics
 from adloop.streams.config import Settings
 from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import consumer_kwargs, producer_kwargs
@@ -345,6 +346,11 @@ class GeneratorWorker:
         )
         await self._send("generation_results", request.request_id, result)
         self.done.add(request.request_id)
+        metrics.GENERATION_SECONDS.observe(result.seconds)
+        metrics.GENERATED_VARIANTS.labels("passed").inc(result.passed_filters)
+        metrics.GENERATED_VARIANTS.labels("rejected").inc(
+            max(0, result.generated - result.passed_filters)
+        )
         log.info(
             "request answered",
             extra={
@@ -378,4 +384,5 @@ class GeneratorWorker:
 def run_generator(settings: Settings) -> None:
     from adloop.streams.broker import run_until_signal
 
+    metrics.serve_metrics(settings.metrics_host, settings.metrics_port, "generator")
     run_until_signal(GeneratorWorker(settings).run, log)

@@ -22,6 +22,7 @@ import numpy as np
 from adloop.bandit import BetaPrior
 from adloop.bandit.priors import shrinkage_prior
 from adloop.schemas import Creative, OutcomeSnapshot, split_decision_key
+from adloop.streams import metrics
 from adloop.streams.config import Settings
 from adloop.streams.posterior import (
     DEFAULT_PRIOR_STRENGTH,
@@ -170,6 +171,11 @@ class PosteriorWorker:
             prior_of=self.prior_of(campaign, audience),
             contextual=self.settings.policy == "contextual",
         )
+        metrics.DECISIONS.inc()
+        if decision.last_event_at:
+            metrics.EVENT_TO_DECISION.labels("worker").observe(
+                max(0.0, decision.updated_at - decision.last_event_at)
+            )
         return self._json.encode(decision)
 
     async def _apply_outcomes(self, stream: Any) -> Any:
@@ -247,5 +253,6 @@ class PosteriorWorker:
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    metrics.serve_metrics(settings.metrics_host, settings.metrics_port, "worker")
     worker = PosteriorWorker(settings)
     faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
