@@ -17,6 +17,20 @@ Tansu keeps everything in memory: topics and offsets are gone when it stops. Als
 like Kafka's ``auto.create.topics.enable``, it auto-creates unknown topics (with 4
 partitions) on any metadata request that allows it, so run
 :func:`streams.topics.ensure_topics` before the first producer or consumer.
+
+``EmbeddedBroker(authentication=True)`` starts Tansu with ``--authentication``: it
+then refuses every request but ApiVersions and the SASL handshake until a client has
+logged in with SASL/SCRAM. No client can log in, though. Tansu 0.6's memory engine
+(this build has no other but S3, the same engine on object storage) answers
+AlterUserScramCredentials with success and stores nothing: every SCRAM login afterwards
+gets rsasl's answer for an unknown user (checked: a fresh random salt and i=16384 on
+each attempt, where the stored salt was known), for users made with
+``tansu user create`` too. So adloop's roles cannot run on it with credentials; SASL
+and ACLs are exercised on Kafka (docker-compose.sasl.yml). And Tansu 0.6 admits a
+client that completes a SCRAM exchange with a failed proof but does not hang up on the
+server's ``e=`` answer (a flaw upstream later fixed, see its
+tansu-broker/tests/sasl_scram_enforcement.rs), so the mode is no security boundary
+either. tests/test_kafka_security.py pins both facts.
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import queue
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -136,6 +151,30 @@ def _quiet(logger_name: str, level: int = logging.WARNING) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+def _sasl_handshake_ok(host: str, port: int, timeout_s: float) -> None:
+    """One SaslHandshake(SCRAM-SHA-512) request; raises unless the broker accepts it.
+
+    The readiness probe of an authenticating broker: it answers nothing else before a
+    login, and no login can succeed on Tansu 0.6 (see the module docstring).
+    """
+    mechanism = b"SCRAM-SHA-512"
+    client_id = b"adloop-broker-probe"
+    # Request header v1 (api key 17 = SaslHandshake, version 1, correlation id 1).
+    payload = struct.pack(">hhih", 17, 1, 1, len(client_id)) + client_id
+    payload += struct.pack(">h", len(mechanism)) + mechanism
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(struct.pack(">i", len(payload)) + payload)
+        answer = b""
+        while len(answer) < 10:  # size, correlation id, error code
+            chunk = sock.recv(10 - len(answer))
+            if not chunk:
+                raise ConnectionError("broker closed the connection during SaslHandshake")
+            answer += chunk
+    (error,) = struct.unpack(">h", answer[8:10])
+    if error:
+        raise RuntimeError(f"SaslHandshake(SCRAM-SHA-512) answered error code {error}")
+
+
 def _kafka_metadata_ok(bootstrap: str, timeout_s: float) -> None:
     """One Kafka metadata request (kafka-python, sync, loop-agnostic); raises on failure."""
     from kafka import KafkaAdminClient
@@ -197,7 +236,8 @@ class EmbeddedBroker:
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. ``port=None``
     picks a free port; ``log_dir=None`` writes the broker log to a temporary
-    directory that is removed on a clean stop.
+    directory that is removed on a clean stop. ``authentication=True`` requires SASL
+    logins (which Tansu 0.6 cannot grant: see the module docstring).
     """
 
     def __init__(
@@ -208,7 +248,9 @@ class EmbeddedBroker:
         startup_timeout_s: float = 20.0,
         stop_timeout_s: float = 5.0,
         binary: str | None = None,
+        authentication: bool = False,
     ) -> None:
+        self.authentication = authentication
         self._requested_port = port
         self._log_dir = Path(log_dir) if log_dir is not None else None
         self.startup_timeout_s = startup_timeout_s
@@ -329,6 +371,8 @@ class EmbeddedBroker:
 
     def __repr__(self) -> str:
         state = f"pid={self.pid} port={self.port}" if self._proc else "stopped"
+        if self.authentication:
+            state += " sasl"
         return f"<EmbeddedBroker {state}>"
 
     # --- internals ---------------------------------------------------------------
@@ -355,6 +399,8 @@ class EmbeddedBroker:
             "--storage-engine",
             "memory://tansu/",
         ]
+        if self.authentication:
+            argv.append("--authentication")
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._proc = _popen_from_long_lived_thread(
             argv,
@@ -399,7 +445,10 @@ class EmbeddedBroker:
                 # timeout on a refused connection.
                 with socket.create_connection((HOST, self.port), timeout=min(0.5, remaining)):
                     pass
-                _kafka_metadata_ok(self.bootstrap, min(2.0, remaining))
+                if self.authentication:
+                    _sasl_handshake_ok(HOST, self.port, min(2.0, remaining))
+                else:
+                    _kafka_metadata_ok(self.bootstrap, min(2.0, remaining))
                 return
             except Exception as exc:
                 last_error = exc

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adloop.bandit import EngineConfig
@@ -64,6 +64,19 @@ class KafkaSettings(BaseSettings):
     # there; the embedded Tansu broker answers only when the wait expires, so it
     # gets 5 ms, or every hop would add up to a second and a half.
     fetch_max_wait_ms: int | None = Field(default=None, ge=0, le=60_000)
+    # The SASL password from a file (a compose secret: README "Kafka: SASL and ACLs"),
+    # read when ADLOOP_SASL_PASSWORD is unset, so the secret is not in the environment.
+    sasl_password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _read_sasl_password_file(self) -> KafkaSettings:
+        if self.sasl_password is None and self.sasl_password_file is not None:
+            try:
+                secret = self.sasl_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"ADLOOP_SASL_PASSWORD_FILE unreadable: {exc}") from exc
+            self.sasl_password = secret
+        return self
 
     @field_validator("kafka_options", "faust_options", mode="before")
     @classmethod
