@@ -1,0 +1,205 @@
+"""The counting rules (streams/join.py), pure: every rule with an injected wall clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from adloop.schemas import Click, Conversion, Impression
+from adloop.streams.config import Settings
+from adloop.streams.join import (
+    CLICKED,
+    DUPLICATE_CLICK,
+    DUPLICATE_CONVERSION,
+    DUPLICATE_IMPRESSION_ID,
+    LATE_CLICK,
+    LATE_CONVERSION,
+    PARKED,
+    UNKNOWN_IMPRESSION,
+    Join,
+    JoinRules,
+    MemoryStore,
+    Tally,
+    reason,
+    rules_from_settings,
+)
+
+T0 = 1_700_000_000.0
+RULES = JoinRules(attribution_window_s=600.0, click_wait_s=30.0)
+
+
+def imp(
+    impression_id: str, ts: float = T0, creative: str = "c1", audience: str = "a"
+) -> Impression:
+    return Impression(
+        impression_id=impression_id,
+        timestamp=ts,
+        campaign="spring",
+        audience=audience,
+        placement="feed",
+        creative_id=creative,
+        propensity=0.5,
+        policy="thompson",
+    )
+
+
+def click(impression_id: str, ts: float = T0 + 5) -> Click:
+    return Click(impression_id=impression_id, timestamp=ts)
+
+
+def conversion(impression_id: str, ts: float = T0 + 30, value: float = 0.0) -> Conversion:
+    return Conversion(impression_id=impression_id, timestamp=ts, value=value)
+
+
+CELL = ("spring", "a", "c1", "feed")
+
+
+def test_rules_come_from_the_settings() -> None:
+    rules = rules_from_settings(Settings(attribution_window_s=100, click_wait_s=10))
+    assert (rules.attribution_window_s, rules.click_wait_s) == (100, 10)
+    assert rules.retention == 100 + 10 + 60
+    assert rules.bucket_s == pytest.approx(170 / 16)
+    assert JoinRules(retention_s=8.0).bucket_s == 1.0  # at least a second
+
+
+def test_the_first_impression_of_an_id_counts_and_a_second_is_a_duplicate() -> None:
+    tally = Tally(RULES)
+    assert tally.impression(imp("i1")) is None
+    assert tally.impression(imp("i1", T0 + 1, creative="c2")) == DUPLICATE_IMPRESSION_ID
+    assert tally.impression(imp("i2")) is None
+    assert tally.counts() == {CELL: (2, 0, 0, 0.0)}
+    assert tally.dead_letters == {DUPLICATE_IMPRESSION_ID: 1}
+    assert tally.join.watermark == T0
+
+
+def test_a_click_counts_inside_the_window_only_and_once() -> None:
+    tally = Tally(RULES)
+    for i in range(3):
+        tally.impression(imp(f"i{i}"))
+    assert tally.attribute(click("i0", T0 + 600)) is None  # the window is inclusive
+    assert tally.attribute(click("i1", T0 + 600.5)) == LATE_CLICK
+    assert tally.attribute(click("i0", T0 + 10)) == DUPLICATE_CLICK
+    # A late click does not use up the impression's click.
+    assert tally.attribute(click("i1", T0 + 7)) is None
+    assert tally.counts() == {CELL: (3, 2, 0, 0.0)}
+    record = tally.join.store.get("i0")
+    assert record is not None and record.flags == CLICKED
+
+
+def test_a_conversion_counts_once_with_its_value_and_independently_of_clicks() -> None:
+    tally = Tally(RULES)
+    tally.impression(imp("i1"))
+    assert tally.attribute(click("i1")) is None
+    assert tally.attribute(conversion("i1", value=12.5)) is None
+    assert tally.attribute(conversion("i1", value=99.0)) == DUPLICATE_CONVERSION
+    tally.impression(imp("i2"))
+    assert tally.attribute(conversion("i2", T0 + 601, value=3.0)) == LATE_CONVERSION
+    assert tally.counts() == {CELL: (2, 1, 1, 12.5)}
+
+
+def test_an_early_click_is_parked_and_joined_when_its_impression_comes() -> None:
+    tally = Tally(RULES)
+    assert tally.attribute(click("i1"), now_wall=T0 + 5) == PARKED
+    assert tally.join.parked_count == 1
+    assert tally.counts() == {}
+    assert tally.impression(imp("i1"), now_wall=T0 + 6) is None
+    assert tally.counts() == {CELL: (1, 1, 0, 0.0)}
+    assert tally.join.parked_count == 0 and not tally.dead_letters
+    # Nothing is left to expire, whatever the clocks say.
+    assert tally.expire_parked(now_wall=T0 + 10_000, caught_up=True) == []
+
+
+def test_a_parked_click_expires_when_event_time_passes_its_wait() -> None:
+    tally = Tally(RULES)
+    tally.attribute(click("ghost", T0), now_wall=T0)
+    tally.impression(imp("other", T0 + 30))  # exactly the wait: not over yet
+    assert tally.expire_parked(now_wall=T0, caught_up=False) == []
+    tally.impression(imp("later", T0 + 31))
+    [expired] = tally.expire_parked(now_wall=T0, caught_up=False)
+    assert (expired.impression_id, expired.role) == ("ghost", "clicks")
+    assert tally.dead_letters == {UNKNOWN_IMPRESSION: 1}
+    # Its impression now comes too late: counted, the click is not.
+    tally.impression(imp("ghost", T0 + 31))
+    assert tally.counts()[CELL] == (3, 0, 0, 0.0)
+
+
+def test_a_parked_click_expires_by_wall_time_only_once_impressions_are_caught_up() -> None:
+    tally = Tally(RULES)
+    tally.attribute(click("ghost", T0), now_wall=1000.0)
+    # Event time stands still (no impressions); the wall clock runs on.
+    assert tally.expire_parked(now_wall=1031.0, caught_up=False) == []
+    assert tally.expire_parked(now_wall=1030.0, caught_up=True) == []
+    [expired] = tally.expire_parked(now_wall=1031.0, caught_up=True)
+    assert expired.arrived_wall == 1000.0
+    assert tally.join.parked_count == 0
+
+
+def test_the_wait_of_a_released_click_is_judged_before_its_impression_moved_event_time() -> None:
+    tally = Tally(RULES)
+    tally.attribute(click("i1", T0), now_wall=T0)
+    tally.attribute(click("i2", T0), now_wall=T0)
+    # The impression of i1 is 40 s after its click (more than the 30 s wait) but nothing
+    # had moved event time past the click's wait before it came: joined.
+    assert tally.impression(imp("i1", T0 + 40)) is None
+    # Now event time is 40 s past i2's click: its wait ended, even if expire_parked has
+    # not run yet, so the result does not depend on when a flush happens.
+    assert tally.impression(imp("i2", T0 + 40)) is None
+    assert tally.counts()[CELL] == (2, 1, 0, 0.0)
+    assert tally.dead_letters == {UNKNOWN_IMPRESSION: 1}
+
+
+def test_without_a_click_wait_nothing_is_parked() -> None:
+    tally = Tally(JoinRules(attribution_window_s=600.0, click_wait_s=0.0))
+    assert tally.attribute(click("ghost")) == UNKNOWN_IMPRESSION
+    assert tally.join.parked_count == 0
+
+
+def test_the_retention_sweep_forgets_old_impressions_and_a_resent_id_counts_again() -> None:
+    """The rule: an impression is retained while the watermark is less than the retention
+    (window + click wait + 60 s, here 690 s) past it, rounded up to buckets of 1/16 of
+    it. After that its id may count again: ids are unique within the retention only."""
+    rules = RULES
+    store = MemoryStore()
+    tally = Tally(rules, store)
+    tally.impression(imp("old", T0))
+    tally.impression(imp("new", T0 + rules.retention))
+    # Still inside the retention (bucket rounding keeps it a little longer, never less).
+    assert tally.impression(imp("old", T0 + rules.retention)) == DUPLICATE_IMPRESSION_ID
+    later = T0 + rules.retention + 2 * rules.bucket_s
+    tally.impression(imp("newer", later))
+    # Forgotten as soon as the watermark passed it, before any sweep: a click on it is
+    # unknown, and the id counts again.
+    assert not tally.join.retained(store.get("old"))
+    assert tally.attribute(click("old", T0 + 5)) == PARKED
+    assert tally.impression(imp("old", later)) is None
+    assert tally.counts()[CELL] == (4, 0, 0, 0.0)
+    # The sweep reclaims the space of what the rules forgot; the id added again stays.
+    horizon = tally.join.sweep()
+    assert horizon is not None and tally.join.sweep() is None
+    assert store.get("old") is not None and store.get("old").timestamp == later  # type: ignore[union-attr]
+    assert set(store.records) == {"old", "new", "newer"}
+    # The click parked above, on the forgotten impression, was far behind event time
+    # when the id came again: its wait had ended.
+    assert tally.dead_letters == {DUPLICATE_IMPRESSION_ID: 1, UNKNOWN_IMPRESSION: 1}
+
+
+def test_reloading_the_store_keeps_every_rule() -> None:
+    store = MemoryStore()
+    join = Join(RULES, store)
+    join.add_impression(imp("i1"), None)
+    join.attribute(click("ghost"), 100.0)
+    again = Join(RULES, store)  # after a restart
+    assert again.parked_count == 1 and again.watermark == T0
+    assert again.add_impression(imp("i1"), None) == DUPLICATE_IMPRESSION_ID
+    assert [e.impression_id for e in again.expire_parked(131.0, caught_up=True)] == ["ghost"]
+
+
+def test_reason_sentences_name_the_rule_and_its_setting() -> None:
+    assert reason(DUPLICATE_IMPRESSION_ID, RULES, "i1") == "impression_id 'i1' was already counted"
+    late = reason(LATE_CLICK, RULES, "i1")
+    assert "600 s attribution window" in late and "ADLOOP_ATTRIBUTION_WINDOW_S" in late
+    assert "conversion on 'i1'" in reason(LATE_CONVERSION, RULES, "i1")
+    unknown = reason(UNKNOWN_IMPRESSION, RULES, "i9")
+    assert "'i9'" in unknown and "30 s (ADLOOP_CLICK_WAIT_S)" in unknown
+    assert "counted once" in reason(DUPLICATE_CLICK, RULES, "i1")
+    assert "already converted" in reason(DUPLICATE_CONVERSION, RULES, "i1")
+    assert reason("something_else", RULES, "i1") == "something_else"
