@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adloop.schemas import Click, Conversion, Impression
@@ -203,3 +205,37 @@ def test_reason_sentences_name_the_rule_and_its_setting() -> None:
     assert "counted once" in reason(DUPLICATE_CLICK, RULES, "i1")
     assert "already converted" in reason(DUPLICATE_CONVERSION, RULES, "i1")
     assert reason("something_else", RULES, "i1") == "something_else"
+
+
+# -- the ingest's store: the same rules over RocksDB, across restarts ---------------------------
+
+
+def test_the_ingest_store_sweeps_forgotten_impressions_and_keeps_a_resent_id(
+    tmp_path: Path,
+) -> None:
+    from adloop.streams.ingest import PartitionState, open_store
+
+    db = open_store(tmp_path / "ingest")
+    settings = Settings(attribution_window_s=600.0, click_wait_s=30.0)
+    state = PartitionState(db, 0, settings)
+    rules = state.rules
+    assert state.add_impression(imp("old", T0), 0, T0) is None
+    assert state.attribute(click("ghost"), T0, 0, b"{}", b"ghost") == PARKED
+    db.write(state.write_batch({"impressions": 1, "clicks": 1}))
+    state.committed()
+    later = T0 + rules.retention + 2 * rules.bucket_s
+    # The id comes again after it was forgotten, in the same flush as the sweep of its
+    # first record: the sweep deletes the old record, the new one is written after it.
+    assert state.add_impression(imp("newer", later), 1, later) is None
+    assert state.add_impression(imp("old", later), 2, later) is None
+    db.write(state.write_batch({"impressions": 3}))
+    state.committed()
+    reloaded = PartitionState(db, 0, settings)
+    assert reloaded.watermark == later and reloaded.expired_through >= 0
+    assert reloaded.checkpoint.offsets == {"impressions": 3, "clicks": 1}
+    assert reloaded.get("old") is not None and reloaded.get("old").timestamp == later  # type: ignore[union-attr]
+    assert reloaded.add_impression(imp("old", later), 3, later) == DUPLICATE_IMPRESSION_ID
+    assert reloaded.join.parked_count == 1
+    counts = reloaded.counts("spring|a")
+    assert counts["c1"]["feed"].impressions == 3
+    db.close()
