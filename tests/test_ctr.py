@@ -41,11 +41,11 @@ from adloop.generator.train_ctr import (
     expected_calibration_error,
     per_creative_baseline,
     read_export,
-    read_kafka_log,
     split_by_time,
     train_ctr,
 )
 from adloop.streams.config import Settings
+from adloop.streams.ctr_data import read_kafka_log
 
 # Strong, learnable signal (audience × theme, placement), many impressions per row so
 # labels are not noise, few rows so steps are few.

@@ -402,7 +402,7 @@ from adloop.bench.cli import bench_all, replay  # noqa: E402
 main.add_command(replay)
 bench.add_command(bench_all, "all")
 
-from adloop.generator.ctr_cli import train_ctr  # noqa: E402
+from adloop.streams.ctr_data import train_ctr  # noqa: E402
 
 main.add_command(train_ctr)
 
