@@ -8,6 +8,12 @@ wall time is an argument (``now_wall``), and state lives in a ``JoinStore``.
 
 The rules, per input partition (the README's "Counting rules" says the same):
 
+* **Event time in range.** An event whose timestamp is more than
+  ``max_clock_skew_s`` ahead of the wall clock, or more than ``max_event_age_s``
+  behind it, is ``timestamp_out_of_range``; it never moves the partition's event
+  time. Callers without a wall clock (offline readers of history) pass
+  ``now_wall=None`` and skip this rule: the wall time that matters is the one at
+  which the event arrived, which they do not know.
 * **One impression per id.** The first impression of an ``impression_id`` counts; a
   second is ``duplicate_impression_id`` while the first is retained.
 * **Retention.** An impression is retained while the partition's event time (its
@@ -16,15 +22,20 @@ The rules, per input partition (the README's "Counting rules" says the same):
   time buckets of ``retention_s / 16``: precisely, while ``bucket(ts) > horizon``,
   where ``bucket(t) = floor(t / bucket_s)`` and ``horizon = floor((watermark -
   retention_s) / bucket_s) - 1``, so at least ``retention_s``, at most one bucket
-  more. A forgotten impression is gone for every rule: a
-  click on it is unknown, and **an id sent again after its impression was
-  forgotten counts again** (an exchange that reuses ids after the retention is
-  counted as it sends). Lookups apply the horizon themselves; ``Join.sweep`` only
-  lets the store reclaim the space, so when a store sweeps never changes a count.
+  more. A forgotten impression is gone for every rule: a click on it is unknown,
+  and **an id sent again after its impression was forgotten counts again** (an
+  exchange that reuses ids after the retention is counted as it sends). An
+  impression already behind the horizon when it arrives is ``expired_impression``:
+  its duplicates could not be recognised, so counting it would risk counting an id
+  twice. Lookups apply the horizon themselves; ``Join.sweep`` only lets the store
+  reclaim the space, so when a store sweeps never changes a count.
 * **One click, one conversion per impression, inside the window.** A click joins
   its impression if ``click.ts - impression.ts <= attribution_window_s``
   (``late_click`` otherwise), once (``duplicate_click``); conversions likewise
-  (``late_conversion``, ``duplicate_conversion``) and add their value.
+  (``late_conversion``, ``duplicate_conversion``) and add their value. A click more
+  than ``max_clock_skew_s`` *before* its impression is ``click_before_impression``
+  (a conversion: ``conversion_before_impression``, as the late and duplicate codes
+  are split): two clocks may disagree by the skew, not more.
 * **Early clicks wait.** A click or conversion whose impression is not there is
   parked for ``click_wait_s``: until its impression is counted (then it is judged
   as above), or until its wait ends, in event time (the watermark passes
@@ -33,18 +44,25 @@ The rules, per input partition (the README's "Counting rules" says the same):
   Wall-time expiry happens in ``expire_parked`` (the caller says when, and whether
   it is caught up); event-time expiry is also judged when the impression comes,
   at the watermark before it, so the result does not depend on when
-  ``expire_parked`` runs. With ``click_wait_s == 0`` nothing waits.
+  ``expire_parked`` runs. With ``click_wait_s == 0`` nothing waits. Parked events
+  are indexed by when their wait ends (two heaps), so expiring them costs nothing
+  per flush while none is due.
+* **The key contract.** A record's Kafka key is its ``impression_id`` (UTF-8):
+  partitioning by it is what puts a click on its impression's partition. The
+  adapter that sees keys checks it with ``key_matches``; ``key_mismatch`` otherwise.
 
 Outcomes: ``Join.add_impression`` returns None (counted) or a reason code;
 ``Join.attribute`` returns the ``ImpressionRecord`` the event was counted on, or a
 code (``PARKED`` included). ``reason`` turns a code into the sentence a dead letter
-carries. Wall time (``now_wall``) is an argument: it stamps a parked event's
-arrival; callers without a wall clock pass None, and their events never expire by
-wall time.
+carries. Wall time (``now_wall``) is an argument: it bounds event times and stamps a
+parked event's arrival; callers without a wall clock pass None, and their events
+never expire by wall time.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -55,6 +73,14 @@ import msgspec
 
 from adloop.schemas import Click, Conversion, CreativeCounts, Impression
 
+# --- settings: one default per concept ------------------------------------------------------
+
+#: How far an event's clock may run ahead of ours (ADLOOP_MAX_CLOCK_SKEW_S), and how far
+#: a click may precede its impression: exchanges' clocks are not ours.
+DEFAULT_MAX_CLOCK_SKEW_S: Final = 300.0
+#: Oldest event time accepted, behind the wall clock (ADLOOP_MAX_EVENT_AGE_S): a week
+#: covers an exchange that re-sends after an outage; older is a broken clock or a replay.
+DEFAULT_MAX_EVENT_AGE_S: Final = 7 * 24 * 3600.0
 #: Retention beyond window + click wait, so a click parked while its impression was
 #: late still finds it.
 RETENTION_MARGIN_S: Final = 60.0
@@ -63,20 +89,30 @@ RETENTION_MARGIN_S: Final = 60.0
 
 PARKED: Final = "parked"  # not a dead letter: waiting for its impression
 DUPLICATE_IMPRESSION_ID: Final = "duplicate_impression_id"
+EXPIRED_IMPRESSION: Final = "expired_impression"
 UNKNOWN_IMPRESSION: Final = "unknown_impression"
 LATE_CLICK: Final = "late_click"
 LATE_CONVERSION: Final = "late_conversion"
 DUPLICATE_CLICK: Final = "duplicate_click"
 DUPLICATE_CONVERSION: Final = "duplicate_conversion"
+CLICK_BEFORE_IMPRESSION: Final = "click_before_impression"
+CONVERSION_BEFORE_IMPRESSION: Final = "conversion_before_impression"
+TIMESTAMP_OUT_OF_RANGE: Final = "timestamp_out_of_range"
+KEY_MISMATCH: Final = "key_mismatch"
 
 #: Every dead-letter code these rules produce.
 REASON_CODES: Final = (
     DUPLICATE_IMPRESSION_ID,
+    EXPIRED_IMPRESSION,
     UNKNOWN_IMPRESSION,
     LATE_CLICK,
     LATE_CONVERSION,
     DUPLICATE_CLICK,
     DUPLICATE_CONVERSION,
+    CLICK_BEFORE_IMPRESSION,
+    CONVERSION_BEFORE_IMPRESSION,
+    TIMESTAMP_OUT_OF_RANGE,
+    KEY_MISMATCH,
 )
 
 # Flags of an impression record.
@@ -118,6 +154,8 @@ class ParkedEvent(msgspec.Struct, array_like=True, gc=False):
 class JoinRules:
     attribution_window_s: float = 3600.0
     click_wait_s: float = 30.0
+    max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
+    max_event_age_s: float = DEFAULT_MAX_EVENT_AGE_S
     # None: attribution window + click wait + RETENTION_MARGIN_S.
     retention_s: float | None = None
 
@@ -135,11 +173,19 @@ class JoinRules:
 
 
 def rules_from_settings(settings: Any) -> JoinRules:
-    """The rules a deployment's settings configure."""
+    """The rules a deployment's settings configure. The skew and age bounds are read
+    with their defaults, so settings without those fields keep working."""
     return JoinRules(
         attribution_window_s=settings.attribution_window_s,
         click_wait_s=settings.click_wait_s,
+        max_clock_skew_s=getattr(settings, "max_clock_skew_s", DEFAULT_MAX_CLOCK_SKEW_S),
+        max_event_age_s=getattr(settings, "max_event_age_s", DEFAULT_MAX_EVENT_AGE_S),
     )
+
+
+def key_matches(key: bytes | None, impression_id: str) -> bool:
+    """The key contract: a record's Kafka key is its impression_id in UTF-8."""
+    return key is not None and key == impression_id.encode()
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -246,13 +292,15 @@ Outcome = ImpressionRecord | str  # the record counted on, or a code (PARKED inc
 
 class Join:
     """The rules over one partition's store. Cheap to build: a store reloaded after a
-    crash gets a new ``Join``."""
+    crash gets a new ``Join``, which rebuilds its expiry heaps from the parked events."""
 
     def __init__(self, rules: JoinRules, store: JoinStore) -> None:
         self.rules = rules
         self.store = store
         self._window = rules.attribution_window_s
         self._wait = rules.click_wait_s
+        self._skew = rules.max_clock_skew_s
+        self._max_age = rules.max_event_age_s
         self._retention = rules.retention
         self._bucket_s = rules.bucket_s
         # The retention horizon (a bucket number) of the watermark it was computed at:
@@ -262,15 +310,22 @@ class Join:
         # The watermark before the last counted impression: take_released judges the
         # waits of that impression's parked events there (it never ends their wait).
         self._watermark_before = store.watermark
-        self._parked_count = sum(1 for _ in store.all_parked())
+        # Parked events ordered by when their wait ends, in event time and in wall time.
+        # An event released or expired through one heap keeps its entry in the other
+        # until popped (checked against the store then); _compact bounds them.
+        self._seq = itertools.count()
+        self._by_event_time: list[tuple[float, int, ParkedEvent]] = []
+        self._by_wall_time: list[tuple[float, int, ParkedEvent]] = []
+        self.parked_count = 0  # events parked now
+        for event in store.all_parked():
+            self._index_parked(event)
+        # Bound once: the hot path calls them per event.
+        self._get = store.get
+        self._add = store.add
 
     @property
     def watermark(self) -> float:
         return self.store.watermark
-
-    @property
-    def parked_count(self) -> int:
-        return self._parked_count
 
     def _horizon_at(self, watermark: float) -> int:
         # The last bucket that ends at or before watermark - retention: an impression is
@@ -296,20 +351,28 @@ class Join:
         """Count an impression: None, or the reason code it is not counted. Then, if
         ``has_parked(imp.impression_id)``, call ``take_released`` for its early clicks."""
         timestamp = imp.timestamp
+        if now_wall is not None and not (
+            timestamp - now_wall <= self._skew and now_wall - timestamp <= self._max_age
+        ):
+            return TIMESTAMP_OUT_OF_RANGE
         store = self.store
         bucket_s = self._bucket_s
-        old = store.get(imp.impression_id)
+        old = self._get(imp.impression_id)
         if old is not None and old.timestamp // bucket_s > self.horizon():
             return DUPLICATE_IMPRESSION_ID
         bucket = int(timestamp // bucket_s)
-        store.add(
+        watermark = store.watermark
+        # At or after the watermark it is retained; only an older one needs the horizon.
+        if timestamp < watermark and bucket <= self.horizon():
+            return EXPIRED_IMPRESSION
+        self._add(
             imp.impression_id,
             ImpressionRecord(
                 imp.campaign, imp.audience, imp.creative_id, imp.placement, timestamp, offset
             ),
             bucket,
         )
-        watermark = self._watermark_before = store.watermark
+        self._watermark_before = watermark
         if timestamp > watermark:
             store.watermark = timestamp
         return None
@@ -327,8 +390,12 @@ class Join:
         code. An event whose impression is not there is parked (``PARKED``) with
         ``offset``, ``original`` and ``key``, which come back with it."""
         timestamp = event.timestamp
+        if now_wall is not None and not (
+            timestamp - now_wall <= self._skew and now_wall - timestamp <= self._max_age
+        ):
+            return TIMESTAMP_OUT_OF_RANGE
         is_click = type(event) is Click
-        record = self.store.get(event.impression_id)
+        record = self._get(event.impression_id)
         if record is None or record.timestamp // self._bucket_s <= self.horizon():
             if self._wait > 0:
                 self._park(
@@ -344,6 +411,8 @@ class Join:
                 )
                 return PARKED
             return UNKNOWN_IMPRESSION
+        if timestamp < record.timestamp - self._skew:
+            return CLICK_BEFORE_IMPRESSION if is_click else CONVERSION_BEFORE_IMPRESSION
         if timestamp - record.timestamp > self._window:
             return LATE_CLICK if is_click else LATE_CONVERSION
         flag = CLICKED if is_click else CONVERTED
@@ -358,27 +427,36 @@ class Join:
         store = self.store
         waiting = store.parked(event.impression_id)
         store.set_parked(event.impression_id, [*waiting, event] if waiting else [event])
-        self._parked_count += 1
+        self._index_parked(event)
+
+    def _index_parked(self, event: ParkedEvent) -> None:
+        seq = next(self._seq)
+        heapq.heappush(self._by_event_time, (event.timestamp, seq, event))
+        heapq.heappush(self._by_wall_time, (event.arrived_wall, seq, event))
+        self.parked_count += 1
 
     def has_parked(self, impression_id: str) -> bool:
-        return self._parked_count > 0 and self.store.parked(impression_id) is not None
+        """Whether events wait for this impression (check ``parked_count`` first: it
+        is an attribute, and zero on the hot path)."""
+        return self.parked_count > 0 and self.store.parked(impression_id) is not None
 
     def take_released(self, impression_id: str) -> tuple[list[ParkedEvent], list[ParkedEvent]]:
         """The events parked for an impression just counted by ``add_impression``, out of
         the store: (to attribute now, in arrival order; whose wait had ended in event
         time before the impression came: ``unknown_impression``). Attribute the first
-        with ``attribute(event, parked.arrived_wall)``: the wall time it arrived at."""
+        with ``attribute(event, None)``: their event times were checked on arrival."""
         store = self.store
         waiting = store.parked(impression_id)
         if not waiting:
             return [], []
         store.set_parked(impression_id, [])
-        self._parked_count -= len(waiting)
+        self.parked_count -= len(waiting)
         limit = self._watermark_before - self._wait
         ready: list[ParkedEvent] = []
         expired: list[ParkedEvent] = []
         for ev in waiting:
             (expired if ev.timestamp < limit else ready).append(ev)
+        self._compact()
         return ready, expired
 
     def expire_parked(self, now_wall: float | None, caught_up: bool) -> list[ParkedEvent]:
@@ -387,21 +465,41 @@ class Join:
         partition is read to its end) they arrived more than ``click_wait_s`` of wall
         time ago. Each is an ``unknown_impression``."""
         expired: list[ParkedEvent] = []
-        if not self._parked_count:
+        if not self.parked_count:
             return expired
-        store = self.store
-        by_event_time = store.watermark - self._wait
-        by_wall_time = now_wall - self._wait if caught_up and now_wall is not None else -math.inf
-        for impression_id in dict.fromkeys(ev.impression_id for ev in store.all_parked()):
-            waiting = store.parked(impression_id) or []
-            keep: list[ParkedEvent] = []
-            for ev in waiting:
-                over = ev.timestamp < by_event_time or ev.arrived_wall < by_wall_time
-                (expired if over else keep).append(ev)
-            if len(keep) != len(waiting):
-                store.set_parked(impression_id, keep)
-                self._parked_count -= len(waiting) - len(keep)
+        self._pop_until(self._by_event_time, self.store.watermark - self._wait, expired)
+        if caught_up and now_wall is not None:
+            self._pop_until(self._by_wall_time, now_wall - self._wait, expired)
+        self._compact()
         return expired
+
+    def _pop_until(
+        self, heap: list[tuple[float, int, ParkedEvent]], limit: float, out: list[ParkedEvent]
+    ) -> None:
+        while heap and heap[0][0] < limit:
+            event = heapq.heappop(heap)[2]
+            if self._unpark(event):
+                out.append(event)
+
+    def _unpark(self, event: ParkedEvent) -> bool:
+        """Take one event out of the store; False when it is no longer there."""
+        store = self.store
+        waiting = store.parked(event.impression_id)
+        if not waiting or not any(ev is event for ev in waiting):
+            return False
+        store.set_parked(event.impression_id, [ev for ev in waiting if ev is not event])
+        self.parked_count -= 1
+        return True
+
+    def _compact(self) -> None:
+        # Released events leave entries in both heaps, expired ones in the other heap;
+        # a partition that is never caught up would never pop its wall-time heap.
+        if len(self._by_wall_time) > 2 * self.parked_count + 1024:
+            self._by_event_time.clear()
+            self._by_wall_time.clear()
+            self.parked_count = 0
+            for event in self.store.all_parked():
+                self._index_parked(event)
 
     # -- retention -----------------------------------------------------------------------------
     def sweep(self) -> int | None:
@@ -416,16 +514,91 @@ class Join:
         return horizon
 
     # -- sentences ---------------------------------------------------------------------------
-    def reason(self, code: str, impression_id: str) -> str:
-        """``reason`` with these rules."""
-        return reason(code, self.rules, impression_id)
+    def reason(
+        self,
+        code: str,
+        impression_id: str,
+        *,
+        kind: str = "click",
+        timestamp: float | None = None,
+        now_wall: float | None = None,
+        key: bytes | None = None,
+    ) -> str:
+        """``reason`` with these rules, and the impression's time looked up where the
+        sentence needs it."""
+        impression_timestamp = None
+        if code in (CLICK_BEFORE_IMPRESSION, CONVERSION_BEFORE_IMPRESSION):
+            record = self.store.get(impression_id)
+            impression_timestamp = record.timestamp if record is not None else None
+        return reason(
+            code,
+            self.rules,
+            impression_id,
+            kind=kind,
+            timestamp=timestamp,
+            now_wall=now_wall,
+            impression_timestamp=impression_timestamp,
+            key=key,
+        )
 
 
-def reason(code: str, rules: JoinRules, impression_id: str) -> str:
-    """The sentence a dead letter carries for ``code`` (the code itself when unknown)."""
+def _show_key(key: bytes | None) -> str:
+    if key is None:
+        return "null"
+    try:
+        return repr(key.decode())
+    except UnicodeDecodeError:
+        return repr(key)
+
+
+def reason(
+    code: str,
+    rules: JoinRules,
+    impression_id: str,
+    *,
+    kind: str = "click",
+    timestamp: float | None = None,
+    now_wall: float | None = None,
+    impression_timestamp: float | None = None,
+    key: bytes | None = None,
+) -> str:
+    """The sentence a dead letter carries for ``code`` (the code itself when unknown).
+    ``kind``: impression, click or conversion."""
     window = rules.attribution_window_s
+    skew = rules.max_clock_skew_s
+    if code == TIMESTAMP_OUT_OF_RANGE:
+        what = f"{kind} {impression_id!r}"
+        if timestamp is None or now_wall is None:
+            return f"{what}: event time outside the accepted range"
+        if timestamp > now_wall:
+            return (
+                f"{what} has event time {timestamp:.3f}, {timestamp - now_wall:.0f} s ahead of "
+                f"the clock (at most {skew:g} s, ADLOOP_MAX_CLOCK_SKEW_S)"
+            )
+        return (
+            f"{what} has event time {timestamp:.3f}, {now_wall - timestamp:.0f} s in the past "
+            f"(at most {rules.max_event_age_s:g} s, ADLOOP_MAX_EVENT_AGE_S)"
+        )
+    if code in (CLICK_BEFORE_IMPRESSION, CONVERSION_BEFORE_IMPRESSION):
+        what = "click" if code == CLICK_BEFORE_IMPRESSION else "conversion"
+        gap = ""
+        if timestamp is not None and impression_timestamp is not None:
+            gap = f" by {impression_timestamp - timestamp:.0f} s"
+        return (
+            f"{what} on {impression_id!r} precedes its impression{gap}, more than the "
+            f"{skew:g} s two clocks may disagree (ADLOOP_MAX_CLOCK_SKEW_S)"
+        )
+    if code == KEY_MISMATCH:
+        return (
+            f"record key {_show_key(key)} is not the impression_id {impression_id!r}: events "
+            "are partitioned by impression_id, so the join looks for an impression on the "
+            "partition of its key"
+        )
     sentences = {
         DUPLICATE_IMPRESSION_ID: f"impression_id {impression_id!r} was already counted",
+        EXPIRED_IMPRESSION: f"impression {impression_id!r} is more than the {rules.retention:g} s "
+        "retention behind the newest impression of its partition: a duplicate of it could not "
+        "be recognised any more",
         UNKNOWN_IMPRESSION: f"no impression {impression_id!r} arrived within "
         f"{rules.click_wait_s:g} s (ADLOOP_CLICK_WAIT_S), or it expired",
         LATE_CLICK: f"click on {impression_id!r} is outside the {window:g} s "
@@ -478,7 +651,7 @@ class Tally:
                 self.dead_letters[UNKNOWN_IMPRESSION] += len(expired)
             for parked in ready:
                 event = self._decoders[parked.role].decode(parked.original)
-                self.attribute(event, parked.arrived_wall)
+                self.attribute(event, None)
         return None
 
     def attribute(

@@ -9,18 +9,26 @@ import pytest
 from adloop.schemas import Click, Conversion, Impression
 from adloop.streams.config import Settings
 from adloop.streams.join import (
+    CLICK_BEFORE_IMPRESSION,
     CLICKED,
+    CONVERSION_BEFORE_IMPRESSION,
+    DEFAULT_MAX_CLOCK_SKEW_S,
+    DEFAULT_MAX_EVENT_AGE_S,
     DUPLICATE_CLICK,
     DUPLICATE_CONVERSION,
     DUPLICATE_IMPRESSION_ID,
+    EXPIRED_IMPRESSION,
+    KEY_MISMATCH,
     LATE_CLICK,
     LATE_CONVERSION,
     PARKED,
+    TIMESTAMP_OUT_OF_RANGE,
     UNKNOWN_IMPRESSION,
     Join,
     JoinRules,
     MemoryStore,
     Tally,
+    key_matches,
     reason,
     rules_from_settings,
 )
@@ -61,6 +69,9 @@ def test_rules_come_from_the_settings() -> None:
     assert rules.retention == 100 + 10 + 60
     assert rules.bucket_s == pytest.approx(170 / 16)
     assert JoinRules(retention_s=8.0).bucket_s == 1.0  # at least a second
+    # Settings without the skew and age fields get the join's defaults.
+    assert (rules.max_clock_skew_s, rules.max_event_age_s) == (300.0, 7 * 86400.0)
+    assert (DEFAULT_MAX_CLOCK_SKEW_S, DEFAULT_MAX_EVENT_AGE_S) == (300.0, 604_800.0)
 
 
 def test_the_first_impression_of_an_id_counts_and_a_second_is_a_duplicate() -> None:
@@ -126,12 +137,12 @@ def test_a_parked_click_expires_when_event_time_passes_its_wait() -> None:
 
 def test_a_parked_click_expires_by_wall_time_only_once_impressions_are_caught_up() -> None:
     tally = Tally(RULES)
-    tally.attribute(click("ghost", T0), now_wall=1000.0)
+    tally.attribute(click("ghost", T0), now_wall=T0 + 2)
     # Event time stands still (no impressions); the wall clock runs on.
-    assert tally.expire_parked(now_wall=1031.0, caught_up=False) == []
-    assert tally.expire_parked(now_wall=1030.0, caught_up=True) == []
-    [expired] = tally.expire_parked(now_wall=1031.0, caught_up=True)
-    assert expired.arrived_wall == 1000.0
+    assert tally.expire_parked(now_wall=T0 + 33, caught_up=False) == []
+    assert tally.expire_parked(now_wall=T0 + 32, caught_up=True) == []
+    [expired] = tally.expire_parked(now_wall=T0 + 33, caught_up=True)
+    assert expired.arrived_wall == T0 + 2
     assert tally.join.parked_count == 0
 
 
@@ -188,11 +199,12 @@ def test_reloading_the_store_keeps_every_rule() -> None:
     store = MemoryStore()
     join = Join(RULES, store)
     join.add_impression(imp("i1"), None)
-    join.attribute(click("ghost"), 100.0)
+    join.attribute(click("ghost"), T0 + 100)
     again = Join(RULES, store)  # after a restart
     assert again.parked_count == 1 and again.watermark == T0
     assert again.add_impression(imp("i1"), None) == DUPLICATE_IMPRESSION_ID
-    assert [e.impression_id for e in again.expire_parked(131.0, caught_up=True)] == ["ghost"]
+    expired = again.expire_parked(T0 + 131, caught_up=True)
+    assert [e.impression_id for e in expired] == ["ghost"]
 
 
 def test_reason_sentences_name_the_rule_and_its_setting() -> None:
@@ -205,6 +217,108 @@ def test_reason_sentences_name_the_rule_and_its_setting() -> None:
     assert "counted once" in reason(DUPLICATE_CLICK, RULES, "i1")
     assert "already converted" in reason(DUPLICATE_CONVERSION, RULES, "i1")
     assert reason("something_else", RULES, "i1") == "something_else"
+
+
+# -- event-time hygiene and the key contract ------------------------------------------------------
+
+
+def test_event_times_beyond_the_clock_skew_or_the_maximum_age_are_refused() -> None:
+    tally = Tally(RULES)
+    wall = T0
+    assert tally.impression(imp("ahead", wall + 301), wall) == TIMESTAMP_OUT_OF_RANGE
+    assert tally.impression(imp("old", wall - 7 * 86400 - 1), wall) == TIMESTAMP_OUT_OF_RANGE
+    # A refused impression never moves the partition's event time.
+    assert tally.join.watermark == 0.0
+    assert tally.impression(imp("week", wall - 7 * 86400), wall) is None  # bounds inclusive
+    assert tally.impression(imp("edge", wall + 300), wall) is None
+    assert tally.join.watermark == wall + 300
+    assert tally.attribute(click("edge", wall + 301), wall) == TIMESTAMP_OUT_OF_RANGE
+    assert tally.attribute(click("edge", wall + 300), wall) is None
+    # The id of a refused impression was never counted: it may come again, in range.
+    assert tally.impression(imp("ahead", wall), wall) is None
+    assert tally.dead_letters == {TIMESTAMP_OUT_OF_RANGE: 3}
+    # Without a wall clock (offline readers) the range is not checked.
+    assert tally.impression(imp("far", wall + 10 * 86400), None) is None
+
+
+def test_a_click_or_conversion_before_its_impression_beyond_the_skew_is_refused() -> None:
+    tally = Tally(RULES)
+    tally.impression(imp("i1", T0))
+    assert tally.attribute(click("i1", T0 - 300.5)) == CLICK_BEFORE_IMPRESSION
+    assert tally.attribute(conversion("i1", T0 - 301, value=5.0)) == CONVERSION_BEFORE_IMPRESSION
+    # Within the skew it counts: two clocks may disagree that much.
+    assert tally.attribute(click("i1", T0 - 300)) is None
+    assert tally.attribute(conversion("i1", T0 - 1, value=5.0)) is None
+    assert tally.counts() == {CELL: (1, 1, 1, 5.0)}
+
+
+def test_an_impression_behind_the_retention_horizon_is_refused_so_it_cannot_count_twice() -> None:
+    tally = Tally(RULES)
+    tally.impression(imp("i1", T0))
+    later = T0 + RULES.retention + 2 * RULES.bucket_s
+    tally.impression(imp("i2", later))
+    # i1 sent again with its own (old) time: its first copy is forgotten, so it could
+    # not be recognised as a duplicate; refused rather than counted twice.
+    assert tally.impression(imp("i1", T0)) == EXPIRED_IMPRESSION
+    assert tally.impression(imp("i3", T0 + 1)) == EXPIRED_IMPRESSION
+    # Behind the watermark but inside the retention: counted.
+    assert tally.impression(imp("i4", later - RULES.retention)) is None
+    assert tally.counts()[CELL] == (3, 0, 0, 0.0)
+
+
+def test_the_key_contract() -> None:
+    assert key_matches(b"i1", "i1")
+    assert key_matches("café-1".encode(), "café-1")  # UTF-8
+    assert not key_matches(b"i2", "i1")
+    assert not key_matches(None, "i1")
+    text = reason(KEY_MISMATCH, RULES, "i1", key=b"i2")
+    assert "record key 'i2' is not the impression_id 'i1'" in text
+    assert "record key null" in reason(KEY_MISMATCH, RULES, "i1", key=None)
+    assert "b'\\xff'" in reason(KEY_MISMATCH, RULES, "i1", key=b"\xff")
+
+
+def test_parked_events_are_expired_from_an_index_not_a_scan() -> None:
+    join = Join(RULES, MemoryStore())
+    for i in range(3000):  # arriving one per second of wall time, event times ascending
+        join.attribute(click(f"c{i}", T0 + i), now_wall=T0 + i)
+    assert join.parked_count == 3000
+    # Event time passes the wait of the first 100 only (T0 + 130 - 30 s of wait).
+    join.add_impression(imp("x", T0 + 130), None)
+    assert len(join.expire_parked(None, caught_up=False)) == 100
+    # Wall time passes the wait of 50 more, once caught up.
+    expired = join.expire_parked(T0 + 180, caught_up=True)
+    assert sorted(int(ev.impression_id[1:]) for ev in expired) == list(range(100, 150))
+    # Released events leave stale index entries; they are never expired twice and the
+    # index is rebuilt before it outgrows the parked events.
+    for i in range(150, 2900):
+        join.add_impression(imp(f"c{i}", T0 + 130), None)
+        ready, late = join.take_released(f"c{i}")
+        assert len(ready) + len(late) == 1
+    assert join.parked_count == 100
+    assert len(join._by_wall_time) <= 2 * 100 + 1024
+    assert len(join.expire_parked(T0 + 1e6, caught_up=True)) == 100
+    assert join.parked_count == 0
+
+
+def test_reason_sentences_for_event_time_rules() -> None:
+    ahead = reason(
+        TIMESTAMP_OUT_OF_RANGE, RULES, "i1", kind="impression", timestamp=T0 + 400, now_wall=T0
+    )
+    assert ahead.startswith("impression 'i1' has event time") and "400 s ahead" in ahead
+    assert "ADLOOP_MAX_CLOCK_SKEW_S" in ahead
+    old = reason(TIMESTAMP_OUT_OF_RANGE, RULES, "i1", timestamp=T0 - 9 * 86400, now_wall=T0)
+    assert "777600 s in the past" in old and "ADLOOP_MAX_EVENT_AGE_S" in old
+    before = reason(
+        CLICK_BEFORE_IMPRESSION, RULES, "i1", timestamp=T0 - 400, impression_timestamp=T0
+    )
+    assert before.startswith("click on 'i1' precedes its impression by 400 s")
+    assert "conversion on 'i1'" in reason(CONVERSION_BEFORE_IMPRESSION, RULES, "i1")
+    assert "690 s retention" in reason(EXPIRED_IMPRESSION, RULES, "i1")
+    # Join.reason looks the impression's time up itself.
+    join = Join(RULES, MemoryStore())
+    join.add_impression(imp("i1", T0), None)
+    text = join.reason(CLICK_BEFORE_IMPRESSION, "i1", timestamp=T0 - 500)
+    assert "by 500 s" in text
 
 
 # -- the ingest's store: the same rules over RocksDB, across restarts ---------------------------
