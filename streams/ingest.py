@@ -21,7 +21,9 @@ Exactness across crashes (at-least-once delivery, SIGKILL at any point):
 
 The counting rules (documented in the README) are ``streams/join.py``'s, pure and
 clock-free: ``PartitionState`` is the RocksDB-backed store they work on, and the
-adapter passes the wall time (``time.time()``, once per fetched batch) in.
+adapter passes the wall time (``time.time()``, once per fetched batch) in. The adapter
+checks the key contract (a record's key is its impression_id) with the join's rule,
+since only it sees the keys.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from adloop.schemas import (
 from adloop.streams.broker import install_shutdown_signals
 from adloop.streams.config import Settings
 from adloop.streams.join import (
+    KEY_MISMATCH,
     PARKED,
     UNKNOWN_IMPRESSION,
     ImpressionRecord,
@@ -63,6 +66,7 @@ from adloop.streams.join import (
     JoinRules,
     ParkedEvent,
     count_attributed,
+    key_matches,
     rules_from_settings,
 )
 from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
@@ -151,6 +155,8 @@ class PartitionState:
                 break
             self._parked[key[len(prefix) :].decode()] = _dec_parked.decode(value)
         self.join = Join(self.rules, self)
+        self._join_impression = self.join.add_impression
+        self._join_attribute = self.join.attribute
 
     # -- JoinStore -------------------------------------------------------------------
     def get(self, impression_id: str) -> ImpressionRecord | None:
@@ -230,9 +236,9 @@ class PartitionState:
         return cell
 
     # -- event application: the join's outcome, counted ------------------------------------
-    def add_impression(self, imp: Impression, offset: int, now_wall: float) -> str | None:
+    def add_impression(self, imp: Impression, offset: int, now_wall: float | None) -> str | None:
         """Apply an impression; returns a dead-letter reason code or None (counted)."""
-        code = self.join.add_impression(imp, now_wall, offset)
+        code = self._join_impression(imp, now_wall, offset)
         if code is None:
             self._bump(imp, imp.timestamp).impressions += 1
         return code
@@ -240,14 +246,14 @@ class PartitionState:
     def attribute(
         self,
         event: Click | Conversion,
-        now_wall: float,
+        now_wall: float | None,
         offset: int = 0,
         original: bytes = b"",
         key: bytes | None = None,
     ) -> str | None:
         """Join a click or conversion to its impression: None when counted, else
         ``PARKED`` or a dead-letter reason code."""
-        outcome = self.join.attribute(event, now_wall, offset, original, key)
+        outcome = self._join_attribute(event, now_wall, offset, original, key)
         if type(outcome) is str:
             return outcome
         count_attributed(self._bump(outcome, event.timestamp), event)  # type: ignore[arg-type]
@@ -491,6 +497,10 @@ class Ingest:
                 except InvalidRecord as exc:
                     self.dead_letter(tp, record, exc.code, exc.reason)
                     continue
+                if not key_matches(record.key, event.impression_id):
+                    reason = state.join.reason(KEY_MISMATCH, event.impression_id, key=record.key)
+                    self.dead_letter(tp, record, KEY_MISMATCH, reason)
+                    continue
                 handler(state, tp, record, event, now_wall)
             pending[role] = records[-1].offset + 1
 
@@ -543,11 +553,18 @@ class Ingest:
             return
         code = state.add_impression(imp, record.offset, now_wall)
         if code is not None:
-            reason = state.join.reason(code, imp.impression_id)
+            reason = state.join.reason(
+                code,
+                imp.impression_id,
+                kind="impression",
+                timestamp=imp.timestamp,
+                now_wall=now_wall,
+            )
             self.dead_letter(tp, record, code, reason)
             return
         self.metrics.events["impressions"] += 1
-        if state.join.has_parked(imp.impression_id):
+        join = state.join
+        if join.parked_count and join.has_parked(imp.impression_id):
             self._release_parked(state, tp.partition, imp.impression_id)
 
     def _release_parked(self, state: PartitionState, partition: int, impression_id: str) -> None:
@@ -558,15 +575,17 @@ class Ingest:
         for parked in ready:
             source = TopicPartition(self.settings.topic(parked.role), partition)  # type: ignore[arg-type]
             event = self.decoders[parked.role].decode(parked.original)
+            # Its event time was checked when it arrived.
             self._count_or_dead_letter(
                 state,
-                state.attribute(event, parked.arrived_wall),
+                state.attribute(event, None),
                 parked.role,
                 source,
                 parked.offset,
                 parked.key,
                 parked.original,
-                event.impression_id,
+                event,
+                None,
             )
 
     def _on_attribution(
@@ -588,7 +607,8 @@ class Ingest:
             record.offset,
             record.key,
             record.value,
-            event.impression_id,
+            event,
+            now_wall,
         )
 
     _on_clicks = _on_attribution
@@ -603,12 +623,19 @@ class Ingest:
         offset: int,
         key: bytes | None,
         value: bytes | None,
-        impression_id: str,
+        event: Click | Conversion,
+        now_wall: float | None,
     ) -> None:
         if code is None:
             self.metrics.events[role] += 1
         else:
-            reason = state.join.reason(code, impression_id)
+            reason = state.join.reason(
+                code,
+                event.impression_id,
+                kind="click" if role == "clicks" else "conversion",
+                timestamp=event.timestamp,
+                now_wall=now_wall,
+            )
             self._dead_letter_raw(tp, offset, key, value, code, reason)
 
     def _dead_letter_parked(self, state: PartitionState, partition: int, ev: ParkedEvent) -> None:
