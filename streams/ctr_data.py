@@ -3,14 +3,16 @@
 ``read_kafka_log`` reads the impressions, clicks and creatives topics of a running
 deployment and builds ``generator.train_ctr``'s ``ImpressionLog``: one row per impression
 the ingest would count, clicked when the ingest would count a click on it
-(``streams/join.py``: first impression per id, one click within the attribution window,
-the retention), with the text of the latest creative record per creative_id.
+(``streams/join.py``: the key contract, first impression per id, one click within the
+attribution window and not before its impression beyond the clock skew, the
+retention), with the text of the latest creative record per creative_id.
 
 The events are joined in event-time order (impressions before clicks at equal times):
 the order the ingest sees them in, near enough, since each partition is read as it was
-written. A reader of history has no wall clock of the events' arrival, so the wall-time
-rule (a parked click's wait ending in wall time) is not applied; where the ingest
-dead-lettered a click by it, the label may say clicked.
+written. A reader of history does not know the wall time the events arrived at, so the
+wall-clock rules (event times within the skew/age bounds of the clock, a parked
+click's wait ending in wall time) are not applied: where the ingest dead-lettered an
+event by them, this reader may count it.
 
 ``train_ctr`` is the ``adloop train-ctr`` command, assembled here: the generator's
 command with the deployment's settings and this reader (``generator`` never imports
@@ -31,9 +33,13 @@ from adloop.generator.ctr_cli import TrainCtrSetup, train_ctr_command
 from adloop.schemas import Click, Creative, Impression, InvalidRecord, RecordDecoder
 from adloop.streams.join import (
     CLICKED,
+    KEY_MISMATCH,
     ImpressionRecord,
     Join,
+    JoinRules,
     MemoryStore,
+    key_matches,
+    reason,
     rules_from_settings,
 )
 
@@ -135,6 +141,7 @@ def read_kafka_log(
         window = recent if role == "impressions" else None
         return _read_topic(settings, topic, deadline, window)
 
+    rules = rules_from_settings(settings)
     limit = settings.max_payload_bytes
     builder = LogBuilder(source=f"kafka:{settings.topic('impressions')}")
     # Impressions first, then clicks and creatives: clicks on the latest impressions
@@ -149,6 +156,10 @@ def read_kafka_log(
             imp = impression_decoder.decode(record.value)
         except InvalidRecord as exc:
             builder.bad(where, f"{exc.code}: {exc.reason}")
+            continue
+        if not key_matches(record.key, imp.impression_id):
+            text = reason(KEY_MISMATCH, rules, imp.impression_id, key=record.key)
+            builder.bad(where, f"{KEY_MISMATCH}: {text}")
             continue
         impressions.append((where, imp))
     creatives: dict[str, Creative] = {}
@@ -171,10 +182,10 @@ def read_kafka_log(
         except InvalidRecord:
             continue
         # A click on an impression this read does not hold can label nothing.
-        if click.impression_id in read_ids:
+        if click.impression_id in read_ids and key_matches(record.key, click.impression_id):
             clicks.append(click)
 
-    labelled = _join(settings, impressions, clicks, creatives, builder)
+    labelled = _join(rules, impressions, clicks, creatives, builder)
     for where, imp, counted, creative in labelled:
         key = RowKey(
             imp.campaign,
@@ -211,7 +222,7 @@ def read_kafka_log(
 
 
 def _join(
-    settings: Settings,
+    rules: JoinRules,
     impressions: list[tuple[str, Impression]],
     clicks: list[Click],
     creatives: dict[str, Creative],
@@ -219,7 +230,7 @@ def _join(
 ) -> list[tuple[str, Impression, ImpressionRecord, Creative]]:
     """The impressions the ingest would count, each with its join record (whose flags
     say whether a click counted), in event-time order; the others go to ``builder.bad``."""
-    join = Join(rules_from_settings(settings), MemoryStore())
+    join = Join(rules, MemoryStore())
     # (event time, impressions before clicks, read order) -> index into its list.
     order = sorted(
         [(imp.timestamp, 0, i) for i, (_, imp) in enumerate(impressions)]
@@ -246,7 +257,7 @@ def _join(
             if join.has_parked(imp.impression_id):
                 ready, _expired = join.take_released(imp.impression_id)
                 for parked in ready:
-                    join.attribute(clicks[parked.offset], parked.arrived_wall)
+                    join.attribute(clicks[parked.offset], None)
         if n % _EXPIRE_EVERY == 0:
             join.expire_parked(None, caught_up=False)
     return labelled
