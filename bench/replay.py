@@ -19,7 +19,10 @@ gets ``click_delay_s``. Replaying days of log in seconds with the original times
 would let the attribution window expire impressions before their clicks arrive; with
 the rebased clock, ``last_event_at`` in the decisions is a publish time, which is what
 the latency figures use. The expected counts apply adloop's counting rules
-(``streams/join.py``, the ingest's own) to the log on that clock.
+(``streams/join.py``, the ingest's own) to the log on that clock. A click logged more
+than ``ADLOOP_MAX_CLOCK_SKEW_S`` (300 s) after its impression is published long before
+its event time: adloop refuses it as ``timestamp_out_of_range``, and the expected
+counts say so.
 
 Measured (all in ``ReplayReport``): publish and adloop throughput, and the raw aiokafka
 consume rate of the same messages on the same broker (the ceiling), consumer lag over
@@ -126,18 +129,29 @@ _REPLAY_CLOCK = 0.0
 
 
 def expected_counts(
-    records: Iterable[LoggedImpression], rules: JoinRules, click_delay_s: float = 1.0
+    records: Iterable[LoggedImpression],
+    rules: JoinRules,
+    click_delay_s: float = 1.0,
+    click_sent_after_s: float | None = None,
 ) -> dict[Cell, Counts]:
     """Counts per campaign × audience × creative × placement, by adloop's counting rules
     (``streams.join``) on the replay's clock: each impression stamped when published,
-    its click ``click_delay`` after it."""
+    its click ``click_delay`` after it, and sent ``click_sent_after_s`` after it (the
+    wall time the ingest meets it at, at the earliest; default ``click_delay_s``, as
+    the live modes send; preload sends at once).
+
+    A logged click delay more than the clock skew (``rules.max_clock_skew_s``) beyond
+    that is a click from the future when sent: ``timestamp_out_of_range``. Near that
+    bound the outcome depends on how late the ingest reads the click."""
+    sent_after = click_delay_s if click_sent_after_s is None else click_sent_after_s
     tally = Tally(rules)
     for record in records:
         imp = record.impression
-        tally.impression(msgspec.structs.replace(imp, timestamp=_REPLAY_CLOCK))
+        tally.impression(msgspec.structs.replace(imp, timestamp=_REPLAY_CLOCK), _REPLAY_CLOCK)
         if record.clicked:
             delay = click_delay(record, click_delay_s)
-            tally.attribute(Click(impression_id=imp.impression_id, timestamp=_REPLAY_CLOCK + delay))
+            click = Click(impression_id=imp.impression_id, timestamp=_REPLAY_CLOCK + delay)
+            tally.attribute(click, _REPLAY_CLOCK + sent_after)
     return {cell: (c.impressions, c.clicks) for cell, c in tally.cells.items()}
 
 
@@ -871,7 +885,12 @@ def run_replay(
     creatives = creatives_for(records)
     campaigns = {c.campaign for c in creatives}
     with _deployment(settings, broker) as settings:
-        expected = expected_counts(records, rules_from_settings(settings), options.click_delay_s)
+        expected = expected_counts(
+            records,
+            rules_from_settings(settings),
+            options.click_delay_s,
+            click_sent_after_s=0.0 if options.preload else options.click_delay_s,
+        )
         report.cells = len(expected)
         report.expected_impressions = sum(i for i, _ in expected.values())
         report.expected_clicks = sum(c for _, c in expected.values())
