@@ -7,12 +7,12 @@ the ingest would count, clicked when the ingest would count a click on it
 attribution window and not before its impression beyond the clock skew, the
 retention), with the text of the latest creative record per creative_id.
 
-The events are joined in event-time order (impressions before clicks at equal times):
-the order the ingest sees them in, near enough, since each partition is read as it was
-written. A reader of history does not know the wall time the events arrived at, so the
-wall-clock rules (event times within the skew/age bounds of the clock, a parked
-click's wait ending in wall time) are not applied: where the ingest dead-lettered an
-event by them, this reader may count it.
+The events are joined per partition, as the ingest joins them, in event-time order
+(impressions before clicks at equal times): the order the ingest sees them in, near
+enough, since each partition is read as it was written. A reader of history does not
+know the wall time the events arrived at, so the wall-clock rules (event times within
+the skew/age bounds of the clock, a parked click's wait ending in wall time) are not
+applied: where the ingest dead-lettered an event by them, this reader may count it.
 
 ``train_ctr`` is the ``adloop train-ctr`` command, assembled here: the generator's
 command with the deployment's settings and this reader (``generator`` never imports
@@ -148,7 +148,7 @@ def read_kafka_log(
     # arrive after them, and a clicks read that ended before the impressions read
     # left the newest impressions (the validation split) without their clicks.
     impression_decoder = RecordDecoder(Impression, limit)
-    impressions: list[tuple[str, Impression]] = []
+    impressions: list[tuple[str, int, Impression]] = []
     for record in read("impressions"):
         where = f"{record.topic}/{record.partition}@{record.offset}"
         builder.rows_read += 1
@@ -161,7 +161,7 @@ def read_kafka_log(
             text = reason(KEY_MISMATCH, rules, imp.impression_id, key=record.key)
             builder.bad(where, f"{KEY_MISMATCH}: {text}")
             continue
-        impressions.append((where, imp))
+        impressions.append((where, record.partition, imp))
     creatives: dict[str, Creative] = {}
     decoder = RecordDecoder(Creative, limit)
     for record in read("creatives"):
@@ -173,8 +173,8 @@ def read_kafka_log(
         except InvalidRecord:
             continue  # the registry dead-letters these; nothing to learn from them
         creatives[creative.creative_id] = creative
-    read_ids = {imp.impression_id for _, imp in impressions}
-    clicks: list[Click] = []
+    read_ids = {imp.impression_id for _, _, imp in impressions}
+    clicks: list[tuple[int, Click]] = []
     click_decoder = RecordDecoder(Click, limit)
     for record in read("clicks"):
         try:
@@ -183,7 +183,7 @@ def read_kafka_log(
             continue
         # A click on an impression this read does not hold can label nothing.
         if click.impression_id in read_ids and key_matches(record.key, click.impression_id):
-            clicks.append(click)
+            clicks.append((record.partition, click))
 
     labelled = _join(rules, impressions, clicks, creatives, builder)
     for where, imp, counted, creative in labelled:
@@ -223,26 +223,31 @@ def read_kafka_log(
 
 def _join(
     rules: JoinRules,
-    impressions: list[tuple[str, Impression]],
-    clicks: list[Click],
+    impressions: list[tuple[str, int, Impression]],
+    clicks: list[tuple[int, Click]],
     creatives: dict[str, Creative],
     builder: Any,
 ) -> list[tuple[str, Impression, ImpressionRecord, Creative]]:
     """The impressions the ingest would count, each with its join record (whose flags
-    say whether a click counted), in event-time order; the others go to ``builder.bad``."""
-    join = Join(rules, MemoryStore())
+    say whether a click counted), in event-time order; the others go to ``builder.bad``.
+    One join per partition (ids are partitioned by their key, the impression_id)."""
+    joins: dict[int, Join] = {}
     # (event time, impressions before clicks, read order) -> index into its list.
     order = sorted(
-        [(imp.timestamp, 0, i) for i, (_, imp) in enumerate(impressions)]
-        + [(click.timestamp, 1, i) for i, click in enumerate(clicks)]
+        [(imp.timestamp, 0, i) for i, (_, _, imp) in enumerate(impressions)]
+        + [(click.timestamp, 1, i) for i, (_, click) in enumerate(clicks)]
     )
     labelled: list[tuple[str, Impression, ImpressionRecord, Creative]] = []
     for n, (_, is_click, i) in enumerate(order, start=1):
+        partition = clicks[i][0] if is_click else impressions[i][1]
+        join = joins.get(partition)
+        if join is None:
+            join = joins[partition] = Join(rules, MemoryStore())
         if is_click:
             # Parked with its index as offset, so a release finds the click again.
-            join.attribute(clicks[i], None, offset=i)
+            join.attribute(clicks[i][1], None, offset=i)
         else:
-            where, imp = impressions[i]
+            where, _, imp = impressions[i]
             creative = creatives.get(imp.creative_id)
             if creative is None or creative.campaign != imp.campaign:
                 builder.bad(where, f"unknown_creative {imp.creative_id!r}: no text to learn from")
@@ -257,9 +262,10 @@ def _join(
             if join.has_parked(imp.impression_id):
                 ready, _expired = join.take_released(imp.impression_id)
                 for parked in ready:
-                    join.attribute(clicks[parked.offset], None)
+                    join.attribute(clicks[parked.offset][1], None)
         if n % _EXPIRE_EVERY == 0:
-            join.expire_parked(None, caught_up=False)
+            for each in joins.values():
+                each.expire_parked(None, caught_up=False)
     return labelled
 
 
