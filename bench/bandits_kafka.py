@@ -21,8 +21,6 @@ import numpy as np
 from adloop.bench.simulator import Scenario, World
 from adloop.schemas import Creative
 
-T0 = 1_760_000_000.0
-
 
 def _wait_known(base: str, token: str, creative_id: str, timeout: float = 60.0) -> None:
     """Until the serving API follows the creative (it reads the creatives topic)."""
@@ -67,7 +65,9 @@ def run_kafka_path(impressions: int, seed: int = 7, rate: float = 5000.0) -> dic
     names = [world.audience_name(a) for a in range(world.n_audiences)]
     index = {c.creative_id: j for j, c in enumerate(world.creatives)}
     # One impression = one second of event time, so the fast path's half-life in
-    # impressions carries over.
+    # impressions carries over. It ends now: the ingest refuses event times more than
+    # ADLOOP_MAX_EVENT_AGE_S (a week: 604,800 impressions here) behind its clock.
+    t0 = time.time() - impressions
     overrides = {"api_port": free_port(), "half_life_s": 500_000.0}
     regret = 0.0
     regret_at: dict[int, float] = {}
@@ -142,7 +142,7 @@ def run_kafka_path(impressions: int, seed: int = 7, rate: float = 5000.0) -> dic
                         {
                             "schema_version": 1,
                             "impression_id": ids[k],
-                            "timestamp": T0 + i,
+                            "timestamp": t0 + i,
                             "campaign": "sim",
                             "audience": names[int(aud[k])],
                             "placement": "feed",
@@ -161,7 +161,7 @@ def run_kafka_path(impressions: int, seed: int = 7, rate: float = 5000.0) -> dic
                                 {
                                     "schema_version": 1,
                                     "impression_id": ids[k],
-                                    "timestamp": T0 + i + int(delays[i]),
+                                    "timestamp": t0 + i + int(delays[i]),
                                 }
                             ).encode(),
                         )

@@ -32,7 +32,6 @@ log = logging.getLogger("adloop.bench")
 CAMPAIGNS = ["bench-a", "bench-b"]
 AUDIENCES = ["aud-1", "aud-2", "aud-3", "aud-4", "aud-5"]
 CREATIVES_PER_CAMPAIGN = 6
-T0 = 1_760_000_000.0
 
 
 @contextlib.contextmanager
@@ -82,6 +81,10 @@ def synthetic_events(
     enc = msgspec.json.Encoder()
     impressions, clicks = [], []
     expected: dict[str, list[int]] = {}
+    # Event times a millisecond apart, ending a minute ago: within the ingest's bounds
+    # on event time (ADLOOP_MAX_CLOCK_SKEW_S ahead of the clock, ADLOOP_MAX_EVENT_AGE_S
+    # behind it) for any run shorter than a week.
+    t0 = time.time() - n_impressions * 1e-3 - 60.0
     campaign_ix = rng.integers(len(CAMPAIGNS), size=n_impressions)
     audience_ix = rng.integers(len(AUDIENCES), size=n_impressions)
     creative_ix = rng.integers(CREATIVES_PER_CAMPAIGN, size=n_impressions)
@@ -95,7 +98,7 @@ def synthetic_events(
             enc.encode(
                 Impression(
                     impression_id=impression_id,
-                    timestamp=T0 + i * 1e-3,
+                    timestamp=t0 + i * 1e-3,
                     campaign=campaign,
                     audience=audience,
                     placement="feed",
@@ -109,7 +112,7 @@ def synthetic_events(
         cell[0] += 1
         if clicked[i]:
             clicks.append(
-                enc.encode(Click(impression_id=impression_id, timestamp=T0 + i * 1e-3 + 1))
+                enc.encode(Click(impression_id=impression_id, timestamp=t0 + i * 1e-3 + 1))
             )
             cell[1] += 1
     return impressions, clicks, {k: (v[0], v[1]) for k, v in expected.items()}

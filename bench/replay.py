@@ -18,9 +18,11 @@ moment it is published, and its click keeps the logged delay (``click_timestamp`
 gets ``click_delay_s``. Replaying days of log in seconds with the original timestamps
 would let the attribution window expire impressions before their clicks arrive; with
 the rebased clock, ``last_event_at`` in the decisions is a publish time, which is what
-the latency figures use. The expected counts follow adloop's counting rules: the first
-impression of an id counts, a click counts once per impression and only within the
-attribution window.
+the latency figures use. The expected counts apply adloop's counting rules
+(``streams/join.py``, the ingest's own) to the log on that clock. A click logged more
+than ``ADLOOP_MAX_CLOCK_SKEW_S`` (300 s) after its impression is published long before
+its event time: adloop refuses it as ``timestamp_out_of_range``, and the expected
+counts say so.
 
 Measured (all in ``ReplayReport``): publish and adloop throughput, and the raw aiokafka
 consume rate of the same messages on the same broker (the ceiling), consumer lag over
@@ -66,6 +68,14 @@ from adloop.schemas import (
     split_decision_key,
 )
 from adloop.streams.config import Settings
+from adloop.streams.join import (
+    Join,
+    JoinRules,
+    MemoryStore,
+    Tally,
+    count_attributed,
+    rules_from_settings,
+)
 from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
 from adloop.streams.posterior import (
     PosteriorState,
@@ -112,29 +122,37 @@ def click_delay(record: LoggedImpression, default_s: float) -> float:
     return record.click_timestamp - record.impression.timestamp
 
 
+# Event time of every replayed impression in the expected counts. The replay stamps an
+# impression with the moment it publishes it: a replay is shorter than the retention,
+# so one time for all changes no rule, and each click keeps its delay from it.
+_REPLAY_CLOCK = 0.0
+
+
 def expected_counts(
-    records: Iterable[LoggedImpression], attribution_window_s: float, click_delay_s: float = 1.0
+    records: Iterable[LoggedImpression],
+    rules: JoinRules,
+    click_delay_s: float = 1.0,
+    click_sent_after_s: float | None = None,
 ) -> dict[Cell, Counts]:
-    """Counts per campaign × audience × creative × placement, by adloop's rules: the
-    first impression of an id counts; a click counts once per id, within the window."""
-    cell_of: dict[str, Cell] = {}
-    clicked: set[str] = set()
-    impressions: Counter[Cell] = Counter()
-    clicks: Counter[Cell] = Counter()
+    """Counts per campaign × audience × creative × placement, by adloop's counting rules
+    (``streams.join``) on the replay's clock: each impression stamped when published,
+    its click ``click_delay`` after it, and sent ``click_sent_after_s`` after it (the
+    wall time the ingest meets it at, at the earliest; default ``click_delay_s``, as
+    the live modes send; preload sends at once).
+
+    A logged click delay more than the clock skew (``rules.max_clock_skew_s``) beyond
+    that is a click from the future when sent: ``timestamp_out_of_range``. Near that
+    bound the outcome depends on how late the ingest reads the click."""
+    sent_after = click_delay_s if click_sent_after_s is None else click_sent_after_s
+    tally = Tally(rules)
     for record in records:
-        impression_id = record.impression.impression_id
-        cell = cell_of.get(impression_id)
-        if cell is None:
-            cell = cell_of[impression_id] = record.cell
-            impressions[cell] += 1
-        if (
-            record.clicked
-            and impression_id not in clicked
-            and click_delay(record, click_delay_s) <= attribution_window_s
-        ):
-            clicked.add(impression_id)
-            clicks[cell] += 1
-    return {cell: (impressions[cell], clicks[cell]) for cell in impressions}
+        imp = record.impression
+        tally.impression(msgspec.structs.replace(imp, timestamp=_REPLAY_CLOCK), _REPLAY_CLOCK)
+        if record.clicked:
+            delay = click_delay(record, click_delay_s)
+            click = Click(impression_id=imp.impression_id, timestamp=_REPLAY_CLOCK + delay)
+            tally.attribute(click, _REPLAY_CLOCK + sent_after)
+    return {cell: (c.impressions, c.clicks) for cell, c in tally.cells.items()}
 
 
 def by_creative(cells: Mapping[Cell, Counts]) -> dict[CreativeCell, Counts]:
@@ -273,11 +291,27 @@ def engine_ceiling(
     decode_imp = msgspec.json.Decoder(Impression).decode
     decode_click = msgspec.json.Decoder(Click).decode
     decode_snapshot = msgspec.json.Decoder(OutcomeSnapshot).decode
-    # The ingest's cumulative counts per key, and the worker's state per key.
+    # The ingest's join and cumulative counts per key, and the worker's state per key.
+    # No wall clock: the logged times are history.
+    join = Join(rules_from_settings(settings), MemoryStore())
     counts: dict[str, dict[str, dict[str, CreativeCounts]]] = {}
+    cells: dict[Cell, tuple[str, CreativeCounts]] = {}
     last_event: dict[str, float] = {}
     states: dict[str, PosteriorState] = {}
-    joined: dict[str, tuple[str, CreativeCounts]] = {}
+
+    def cell_of(rec: Any) -> tuple[str, CreativeCounts]:
+        ident = (rec.campaign, rec.audience, rec.creative_id, rec.placement)
+        found = cells.get(ident)
+        if found is None:
+            key = decision_key(rec.campaign, rec.audience)
+            cell = (
+                counts.setdefault(key, {})
+                .setdefault(rec.creative_id, {})
+                .setdefault(rec.placement, CreativeCounts())
+            )
+            found = cells[ident] = (key, cell)
+        return found
+
     report = EngineReport(events=len(events), batch_events=batch_events)
     decisions: dict[str, Decision] = {}
     decision_s = 0.0
@@ -287,22 +321,18 @@ def engine_ceiling(
         for is_impression, raw in events[start : start + batch_events]:
             if is_impression:
                 imp = decode_imp(raw)
-                key = decision_key(imp.campaign, imp.audience)
-                cell = (
-                    counts.setdefault(key, {})
-                    .setdefault(imp.creative_id, {})
-                    .setdefault(imp.placement, CreativeCounts())
-                )
+                if join.add_impression(imp, None) is not None:
+                    continue
+                key, cell = cell_of(imp)
                 cell.impressions += 1
-                joined[imp.impression_id] = (key, cell)
                 last_event[key] = max(last_event.get(key, 0.0), imp.timestamp)
             else:
                 click = decode_click(raw)
-                hit = joined.get(click.impression_id)
-                if hit is None:
+                outcome = join.attribute(click, None)
+                if type(outcome) is str:
                     continue
-                key, cell = hit
-                cell.clicks += 1
+                key, cell = cell_of(outcome)
+                count_attributed(cell, click)
             dirty.add(key)
         for key in sorted(dirty):
             campaign, audience = split_decision_key(key)
@@ -855,7 +885,12 @@ def run_replay(
     creatives = creatives_for(records)
     campaigns = {c.campaign for c in creatives}
     with _deployment(settings, broker) as settings:
-        expected = expected_counts(records, settings.attribution_window_s, options.click_delay_s)
+        expected = expected_counts(
+            records,
+            rules_from_settings(settings),
+            options.click_delay_s,
+            click_sent_after_s=0.0 if options.preload else options.click_delay_s,
+        )
         report.cells = len(expected)
         report.expected_impressions = sum(i for i, _ in expected.values())
         report.expected_clicks = sum(c for _, c in expected.values())

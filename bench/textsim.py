@@ -196,7 +196,9 @@ def run_once(
         started = time.monotonic()
         audiences = list(SHARES)
         shares = np.array([SHARES[a] for a in audiences])
-        t_event = 1_760_000_000.0
+        # A millisecond of event time per impression, ending a minute ago at the latest:
+        # the ingest refuses event times ahead of its clock (ADLOOP_MAX_CLOCK_SKEW_S).
+        t_event = time.time() - impressions * 0.001 - 60.0
         sent = 0
         while sent < impressions:
             audience = audiences[int(rng.choice(len(audiences), p=shares))]

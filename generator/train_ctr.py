@@ -23,9 +23,10 @@ Data (one of):
 
   Bad rows are reported with their line (JSONL) or row (Parquet) number and skipped;
   more than ``max_bad_fraction`` of them aborts.
-* the **Kafka topics** (``read_kafka_log``): impressions, clicks joined by
-  impression_id under the ingest's attribution rule, text from the latest creative
-  record per creative_id.
+* the **Kafka topics** (``streams.ctr_data.read_kafka_log``, which builds this
+  module's ``ImpressionLog``): impressions, their clicks joined by the ingest's
+  counting rules (``streams/join.py``), text from the latest creative record per
+  creative_id.
 
 Rows with the same (campaign, creative, audience, placement, text) are aggregated
 into (impressions, clicks) and trained with the binomial log-likelihood: a row of
@@ -56,7 +57,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -942,172 +942,3 @@ def _prune(root: Path, keep: int) -> None:
     for old in versions[: max(len(versions) - keep, 0)]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
-
-
-# --- Kafka (thin adapter: records in, LogBuilder out) --------------------------------------
-
-
-def _true_end_offsets(settings: Any, listed: dict[Any, int]) -> dict[Any, int]:
-    """End offsets as a fetch reports them (the embedded broker lists less, see
-    ``streams.kafka_io.fetched_end_offsets``)."""
-    import asyncio
-
-    from aiokafka.structs import TopicPartition as AioTopicPartition
-
-    from adloop.streams.kafka_io import consumer_kwargs, fetched_end_offsets
-
-    by_aio = {AioTopicPartition(tp.topic, tp.partition): tp for tp in listed}
-    fetched = asyncio.run(
-        fetched_end_offsets(
-            consumer_kwargs(settings), {aio: listed[tp] for aio, tp in by_aio.items()}
-        )
-    )
-    return {tp: fetched[aio] for aio, tp in by_aio.items()}
-
-
-def _read_topic(
-    settings: Any, topic: str, deadline: float, recent: int | None = None
-) -> Iterator[Any]:
-    """Every record of ``topic`` from the beginning (or the latest ``recent`` records,
-    spread over its partitions) to the end offsets as a fetch reports them when the
-    read starts (the embedded broker's ListOffsets understates them, see
-    DEVELOPERS.md)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    from adloop.streams.kafka_io import kafka_python_kwargs
-
-    consumer = KafkaConsumer(
-        **kafka_python_kwargs(
-            KafkaConsumer, settings, enable_auto_commit=False, group_id=None, max_poll_records=5000
-        )
-    )
-    try:
-        consumer.topics()  # fetch metadata
-        partitions = sorted(consumer.partitions_for_topic(topic) or ())
-        if not partitions:
-            log.warning("topic has no partitions", extra={"topic": topic})
-            return
-        parts = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = _true_end_offsets(settings, consumer.end_offsets(parts))
-        if recent is not None:
-            starts = consumer.beginning_offsets(parts)
-            per_partition = math.ceil(recent / len(parts))
-            for tp in parts:
-                consumer.seek(tp, max(starts[tp], ends[tp] - per_partition))
-        # Up to the ends taken now: a live topic keeps growing, so "read until it goes
-        # quiet" never ended while the exchange was sending (a scheduled retraining
-        # read the clicks topic for 10 minutes).
-        while time.monotonic() < deadline:
-            if all(consumer.position(tp) >= ends[tp] for tp in parts):
-                return
-            for records in consumer.poll(timeout_ms=200).values():
-                yield from records
-        raise TimeoutError(f"reading {topic} did not reach its end in time")
-    finally:
-        consumer.close()
-
-
-def read_kafka_log(
-    settings: Any,
-    *,
-    timeout_s: float = 1800.0,
-    records: Any = None,
-    recent: int | None = None,
-) -> ImpressionLog:
-    """Impressions from the impressions topic, clicked when a click on the same
-    impression_id falls in the attribution window (as the ingest counts them), with
-    the text of the latest creative record per creative_id.
-
-    ``recent``: only the latest N impressions (all clicks and creatives are read; they
-    are few). Reading a whole topic grows with its history; a scheduled retraining
-    needs a bounded read, and recent traffic is what the next variants will meet.
-
-    ``records(topic)`` may replace the Kafka reader (tests)."""
-    from adloop.schemas import Click, Creative, Impression
-    from adloop.schemas.validation import InvalidRecord, RecordDecoder
-
-    deadline = time.monotonic() + timeout_s
-
-    def read(role: str) -> Iterable[Any]:
-        topic = settings.topic(role)
-        if records is not None:
-            return records(topic)
-        window = recent if role == "impressions" else None
-        return _read_topic(settings, topic, deadline, window)
-
-    limit = settings.max_payload_bytes
-    builder = LogBuilder(source=f"kafka:{settings.topic('impressions')}")
-    # Impressions first, then clicks and creatives: clicks on the latest impressions
-    # arrive after them, and a clicks read that ended before the impressions read
-    # left the newest impressions (the validation split) without their clicks.
-    impression_decoder = RecordDecoder(Impression, limit)
-    impressions: list[tuple[str, Any]] = []
-    for record in read("impressions"):
-        where = f"{record.topic}/{record.partition}@{record.offset}"
-        builder.rows_read += 1
-        try:
-            impressions.append((where, impression_decoder.decode(record.value)))
-        except InvalidRecord as exc:
-            builder.bad(where, f"{exc.code}: {exc.reason}")
-    creatives: dict[str, Any] = {}
-    decoder = RecordDecoder(Creative, limit)
-    for record in read("creatives"):
-        if record.value is None:  # tombstone: creative deleted
-            creatives.pop(record.key.decode() if record.key else "", None)
-            continue
-        try:
-            creative = decoder.decode(record.value)
-        except InvalidRecord:
-            continue  # the registry dead-letters these; nothing to learn from them
-        creatives[creative.creative_id] = creative
-    first_click: dict[str, float] = {}
-    clicks = RecordDecoder(Click, limit)
-    for record in read("clicks"):
-        try:
-            click = clicks.decode(record.value)
-        except InvalidRecord:
-            continue
-        seen = first_click.get(click.impression_id)
-        if seen is None or click.timestamp < seen:
-            first_click[click.impression_id] = click.timestamp
-    window = settings.attribution_window_s
-    for where, imp in impressions:
-        creative = creatives.get(imp.creative_id)
-        if creative is None:
-            builder.bad(where, f"unknown_creative {imp.creative_id!r}: no text to learn from")
-            continue
-        click_ts = first_click.get(imp.impression_id)
-        clicked = click_ts is not None and click_ts - imp.timestamp <= window
-        key = RowKey(
-            imp.campaign,
-            imp.creative_id,
-            imp.audience,
-            imp.placement,
-            creative.headline,
-            creative.description,
-        )
-        builder.add(imp.impression_id, key, imp.timestamp, clicked, where=where)
-    result = builder.build()
-    if result.bad_rows:
-        reasons: dict[str, int] = {}
-        for bad in result.bad_rows:
-            code = bad.reason.split(" ", 1)[0].rstrip(":")
-            reasons[code] = reasons.get(code, 0) + 1
-        log.warning(
-            "skipped impressions",
-            extra={"reasons": reasons, "first": [str(b) for b in result.bad_rows[:5]]},
-        )
-    log.info(
-        "read impressions from kafka",
-        extra={
-            "impressions": len(result),
-            "clicks": int(result.clicked.sum()),
-            "creatives": len(creatives),
-            "skipped": len(result.bad_rows),
-        },
-    )
-    if not len(result):
-        raise ExportError(f"{builder.source}: no usable impressions")
-    return result

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adloop.bandit import EngineConfig
 from adloop.generator.config import GeneratorSettings
+from adloop.streams.join import DEFAULT_MAX_CLOCK_SKEW_S, DEFAULT_MAX_EVENT_AGE_S
 from adloop.streams.topology import TOPIC_ROLES, TopicRole  # noqa: F401 (re-exported)
 
 
@@ -150,6 +151,11 @@ class IngestSettings(BaseSettings):
     # partition is idle) before it is dead-lettered as "unknown impression".
     click_wait_s: float = Field(default=30.0, ge=0)
     max_payload_bytes: int = Field(default=16_384, gt=0)
+    # Event-time hygiene (streams/join.py): an event stamped further ahead of the wall
+    # clock, or older, is dead-lettered as timestamp_out_of_range and never moves a
+    # partition's watermark.
+    max_clock_skew_s: float = Field(default=DEFAULT_MAX_CLOCK_SKEW_S, ge=0)
+    max_event_age_s: float = Field(default=DEFAULT_MAX_EVENT_AGE_S, gt=0)
     # Ingest batches: at most this many events / this many ms before a flush.
     ingest_batch_max_events: int = Field(default=20_000, gt=0)
     ingest_batch_max_ms: int = Field(default=20, ge=1)

@@ -19,16 +19,11 @@ Exactness across crashes (at-least-once delivery, SIGKILL at any point):
   cumulative and the posterior agent keeps the latest per source partition,
   repeats are harmless and the final counts are exact.
 
-Join rules (documented in the README):
-
-* impression_id is unique; a second impression with the same id is dead-lettered
-  (``duplicate_impression_id``) as long as the first is retained
-  (attribution window + click wait).
-* A click joins its impression if ``click.ts - impression.ts <= attribution window``
-  (``late_click`` otherwise), once (``duplicate_click``).
-* A click whose impression has not arrived yet is parked for ``click_wait_s``,
-  measured in event time of the partition, or wall time once the impressions
-  partition is caught up; then ``unknown_impression``.
+The counting rules (documented in the README) are ``streams/join.py``'s, pure and
+clock-free: ``PartitionState`` is the RocksDB-backed store they work on, and the
+adapter passes the wall time (``time.time()``, once per fetched batch) in. The adapter
+checks the key contract (a record's key is its impression_id) with the join's rule,
+since only it sees the keys.
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ import gc
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,38 +59,22 @@ from adloop.schemas import (
 from adloop.streams.broker import install_shutdown_signals
 from adloop.streams.config import Settings
 from adloop.streams.follower import Follower
+from adloop.streams.join import (
+    KEY_MISMATCH,
+    PARKED,
+    UNKNOWN_IMPRESSION,
+    ImpressionRecord,
+    Join,
+    JoinRules,
+    ParkedEvent,
+    count_attributed,
+    key_matches,
+    rules_from_settings,
+)
 from adloop.streams.kafka_io import FetchWaitGovernor, consumer_kwargs, producer_kwargs
 from adloop.streams.registry import CreativeRegistry, registry_follower
 
 log = logging.getLogger("adloop.ingest")
-
-# Impression record kept for the join: (campaign, audience, creative, placement,
-# event time, source offset, flags).
-_CLICKED = 1
-_CONVERTED = 2
-
-
-class StoredImpression(msgspec.Struct, array_like=True, gc=False):
-    campaign: str
-    audience: str
-    creative_id: str
-    placement: str
-    timestamp: float
-    offset: int
-    flags: int = 0
-
-
-class ParkedEvent(msgspec.Struct, array_like=True, gc=False):
-    """A click/conversion waiting for its impression; the original bytes are kept
-    so it can be decoded again when the impression comes, or dead-lettered as sent."""
-
-    role: str  # "clicks" | "conversions"
-    impression_id: str
-    timestamp: float
-    offset: int
-    arrived_wall: float
-    original: bytes
-    key: bytes | None
 
 
 class Checkpoint(msgspec.Struct, array_like=True):
@@ -106,7 +86,7 @@ class Checkpoint(msgspec.Struct, array_like=True):
 
 _counts_type = dict[str, dict[str, CreativeCounts]]
 _enc = msgspec.msgpack.Encoder()
-_dec_imp = msgspec.msgpack.Decoder(StoredImpression)
+_dec_imp = msgspec.msgpack.Decoder(ImpressionRecord)
 _dec_parked = msgspec.msgpack.Decoder(list[ParkedEvent])
 _dec_ckpt = msgspec.msgpack.Decoder(Checkpoint)
 _dec_counts = msgspec.msgpack.Decoder(_counts_type)
@@ -137,24 +117,31 @@ class IngestMetrics:
 class PartitionState:
     """Join and counting state of one input partition, with a write-back buffer.
 
-    Reads go to the buffer first, then RocksDB; ``write_batch`` returns every
-    change since the last checkpoint as one atomic batch, offsets included.
+    It is the ``JoinStore`` of its ``Join`` (``streams/join.py``, the rules) and keeps
+    the cumulative counts. Reads go to the buffer first, then RocksDB; ``write_batch``
+    returns every change since the last checkpoint as one atomic batch, offsets
+    included. Keys, by partition p: ``i``+p+id an impression record, ``x``+p+bucket+flush
+    the ids of one flush's impressions in an expiry bucket, ``w``+p+id the events
+    parked for an id, ``c``+p+decision key the counts, ``o``+p the checkpoint.
     """
 
-    def __init__(self, db: Rdict, partition: int, settings: Settings) -> None:
+    def __init__(
+        self, db: Rdict, partition: int, settings: Settings, rules: JoinRules | None = None
+    ) -> None:
         self.db = db
         self.partition = partition
-        self.window = settings.attribution_window_s
-        self.click_wait = settings.click_wait_s
-        # Retain impressions long enough to join any click inside the window,
-        # including one parked while its impression was late.
-        self.retention = self.window + self.click_wait + 60.0
-        self.bucket_s = max(self.retention / 16.0, 1.0)
+        self.rules = rules if rules is not None else rules_from_settings(settings)
         self._imp_prefix = _pkey(b"i", partition)
+        self._last_id: str | None = None
+        self._last_raw_id = self._last_key = b""
         raw = db.get(_pkey(b"o", partition))
         self.checkpoint = _dec_ckpt.decode(raw) if raw is not None else Checkpoint(offsets={})
+        # JoinStore fields; written into the checkpoint by write_batch.
+        self.watermark = self.checkpoint.watermark
+        self.expired_through = self.checkpoint.expired_through
+        self._sweep_through: int | None = None  # forget_through, done by the next batch
         # Write-back buffer: changed impression records by RocksDB key.
-        self._impressions: dict[bytes, StoredImpression] = {}
+        self._impressions: dict[bytes, ImpressionRecord] = {}
         self._counts: dict[str, _counts_type] = {}
         # (campaign, audience, creative, placement) -> (decision key, its counts cell)
         self._cells: dict[tuple[str, str, str, str], tuple[str, CreativeCounts]] = {}
@@ -162,16 +149,25 @@ class PartitionState:
         self._last_event_at: dict[str, float] = {}
         # Expiry index, one RocksDB entry per (time bucket, flush) rather than per event.
         self._expiry_index: dict[int, list[bytes]] = {}
-        self.parked: dict[str, list[ParkedEvent]] = {}
+        self._parked: dict[str, list[ParkedEvent]] = {}
         self._parked_dirty: set[str] = set()
         prefix = _pkey(b"w", partition)
         for key, value in db.items(from_key=prefix):
             if not key.startswith(prefix):
                 break
-            self.parked[key[len(prefix) :].decode()] = _dec_parked.decode(value)
+            self._parked[key[len(prefix) :].decode()] = _dec_parked.decode(value)
+        self.join = Join(self.rules, self)
+        self._join_impression = self.join.add_impression
+        self._join_attribute = self.join.attribute
 
-    # -- lookups -------------------------------------------------------------
-    def _lookup(self, key: bytes) -> StoredImpression | None:
+    # -- JoinStore -------------------------------------------------------------------
+    def get(self, impression_id: str) -> ImpressionRecord | None:
+        raw_id = impression_id.encode()
+        key = self._imp_prefix + raw_id
+        # The join looks an id up, then adds or updates it: encode its key once.
+        self._last_id = impression_id
+        self._last_raw_id = raw_id
+        self._last_key = key
         found = self._impressions.get(key)
         if found is not None:
             return found
@@ -179,9 +175,44 @@ class PartitionState:
         # Not buffered on read: only changed records go into the next write batch.
         return _dec_imp.decode(raw) if raw is not None else None
 
-    def impression(self, impression_id: str) -> StoredImpression | None:
-        return self._lookup(self._imp_prefix + impression_id.encode())
+    def _key(self, impression_id: str) -> bytes:
+        if impression_id is self._last_id:
+            return self._last_key
+        return self._imp_prefix + impression_id.encode()
 
+    def add(self, impression_id: str, record: ImpressionRecord, bucket: int) -> None:
+        if impression_id is self._last_id:
+            raw_id, key = self._last_raw_id, self._last_key
+        else:
+            raw_id = impression_id.encode()
+            key = self._imp_prefix + raw_id
+        self._impressions[key] = record
+        ids = self._expiry_index.get(bucket)
+        if ids is None:
+            ids = self._expiry_index[bucket] = []
+        ids.append(raw_id)
+
+    def update(self, impression_id: str, record: ImpressionRecord) -> None:
+        self._impressions[self._key(impression_id)] = record
+
+    def forget_through(self, bucket: int) -> None:
+        self._sweep_through = bucket
+
+    def parked(self, impression_id: str) -> list[ParkedEvent] | None:
+        return self._parked.get(impression_id)
+
+    def set_parked(self, impression_id: str, events: list[ParkedEvent]) -> None:
+        if events:
+            self._parked[impression_id] = events
+        else:
+            self._parked.pop(impression_id, None)
+        self._parked_dirty.add(impression_id)
+
+    def all_parked(self) -> Iterator[ParkedEvent]:
+        for events in self._parked.values():
+            yield from events
+
+    # -- counts ------------------------------------------------------------------------
     def counts(self, key: str) -> _counts_type:
         counts = self._counts.get(key)
         if counts is None:
@@ -190,7 +221,7 @@ class PartitionState:
             self._counts[key] = counts
         return counts
 
-    def _bump(self, rec: StoredImpression, event_time: float) -> CreativeCounts:
+    def _bump(self, rec: ImpressionRecord | Impression, event_time: float) -> CreativeCounts:
         ident = (rec.campaign, rec.audience, rec.creative_id, rec.placement)
         found = self._cells.get(ident)
         if found is None:
@@ -206,83 +237,31 @@ class PartitionState:
             self._last_event_at[key] = event_time
         return cell
 
-    # -- event application -------------------------------------------------------
-    def add_impression(self, imp: Impression, offset: int) -> str | None:
-        """Apply an impression; returns a dead-letter reason code or None."""
-        raw_id = imp.impression_id.encode()
-        key = self._imp_prefix + raw_id
-        if key in self._impressions or self.db.get(key) is not None:
-            return "duplicate_impression_id"
-        rec = StoredImpression(
-            imp.campaign, imp.audience, imp.creative_id, imp.placement, imp.timestamp, offset
-        )
-        self._impressions[key] = rec
-        bucket = int(imp.timestamp // self.bucket_s)
-        ids = self._expiry_index.get(bucket)
-        if ids is None:
-            ids = self._expiry_index[bucket] = []
-        ids.append(raw_id)
-        self._bump(rec, imp.timestamp).impressions += 1
-        if imp.timestamp > self.checkpoint.watermark:
-            self.checkpoint.watermark = imp.timestamp
+    # -- event application: the join's outcome, counted ------------------------------------
+    def add_impression(self, imp: Impression, offset: int, now_wall: float | None) -> str | None:
+        """Apply an impression; returns a dead-letter reason code or None (counted)."""
+        code = self._join_impression(imp, now_wall, offset)
+        if code is None:
+            self._bump(imp, imp.timestamp).impressions += 1
+        return code
+
+    def attribute(
+        self,
+        event: Click | Conversion,
+        now_wall: float | None,
+        offset: int = 0,
+        original: bytes = b"",
+        key: bytes | None = None,
+    ) -> str | None:
+        """Join a click or conversion to its impression: None when counted, else
+        ``PARKED`` or a dead-letter reason code."""
+        outcome = self._join_attribute(event, now_wall, offset, original, key)
+        if type(outcome) is str:
+            return outcome
+        count_attributed(self._bump(outcome, event.timestamp), event)  # type: ignore[arg-type]
         return None
 
-    def attribute(self, event: Click | Conversion) -> str | None:
-        """Join a click or conversion to its impression: once, inside the window.
-
-        Returns a dead-letter reason code, or None when counted.
-        """
-        key = self._imp_prefix + event.impression_id.encode()
-        rec = self._lookup(key)
-        if rec is None:
-            return "unknown_impression"
-        is_click = type(event) is Click
-        flag = _CLICKED if is_click else _CONVERTED
-        if event.timestamp - rec.timestamp > self.window:
-            return "late_click" if is_click else "late_conversion"
-        if rec.flags & flag:
-            return "duplicate_click" if is_click else "duplicate_conversion"
-        rec.flags |= flag
-        self._impressions[key] = rec
-        cell = self._bump(rec, event.timestamp)
-        if is_click:
-            cell.clicks += 1
-        else:
-            cell.conversions += 1
-            cell.conversion_value += event.value  # type: ignore[union-attr]
-        return None
-
-    def park(self, impression_id: str, event: ParkedEvent) -> None:
-        self.parked.setdefault(impression_id, []).append(event)
-        self._parked_dirty.add(impression_id)
-
-    def unpark(self, impression_id: str) -> list[ParkedEvent]:
-        events = self.parked.pop(impression_id, [])
-        if events:
-            self._parked_dirty.add(impression_id)
-        return events
-
-    def expired_parked(self, now_wall: float, impressions_caught_up: bool) -> list[ParkedEvent]:
-        """Parked events whose wait is over (event time, or wall time when caught up)."""
-        expired: list[ParkedEvent] = []
-        watermark = self.checkpoint.watermark
-        for impression_id in list(self.parked):
-            events = self.parked[impression_id]
-            keep = []
-            for ev in events:
-                by_event_time = watermark - ev.timestamp > self.click_wait
-                waited = now_wall - ev.arrived_wall
-                by_wall_time = impressions_caught_up and waited > self.click_wait
-                (expired if by_event_time or by_wall_time else keep).append(ev)
-            if len(keep) != len(events):
-                self._parked_dirty.add(impression_id)
-                if keep:
-                    self.parked[impression_id] = keep
-                else:
-                    del self.parked[impression_id]
-        return expired
-
-    # -- checkpointing --------------------------------------------------------------
+    # -- checkpointing --------------------------------------------------------------------
     def dirty(self) -> list[tuple[str, _counts_type, float]]:
         """(decision key, cumulative counts, newest event time) of keys changed since
         the last checkpoint."""
@@ -291,41 +270,51 @@ class PartitionState:
             for key in self._dirty_counts
         ]
 
-    def _sweep_expired(self, batch: WriteBatch) -> None:
-        """Drop impressions older than the retention horizon (event time)."""
-        horizon_bucket = int((self.checkpoint.watermark - self.retention) // self.bucket_s)
-        if horizon_bucket <= self.checkpoint.expired_through:
-            return
+    def _sweep(self, batch: WriteBatch, through: int) -> None:
+        """Delete the impressions of expiry buckets <= ``through``, and their index."""
         start = _pkey(b"x", self.partition)
-        stop = _pkey(b"x", self.partition, (horizon_bucket + 1).to_bytes(8, "big"))
+        stop = _pkey(b"x", self.partition, (through + 1).to_bytes(8, "big"))
         for key, value in self.db.items(from_key=start):
             if key >= stop or not key.startswith(start):
                 break
             for raw_id in _dec_ids.decode(value):
                 batch.delete(self._imp_prefix + raw_id)
-                self._impressions.pop(self._imp_prefix + raw_id, None)
             batch.delete(key)
-        self.checkpoint.expired_through = horizon_bucket
 
     def write_batch(self, offsets: dict[str, int]) -> WriteBatch:
         batch = WriteBatch(raw_mode=True)
+        self.join.sweep()
+        through = self._sweep_through
+        if through is None:
+            through = self.expired_through
+        else:
+            # Deletes first: a record of an id counted again since (in a newer bucket)
+            # is put below, after the delete of its forgotten predecessor.
+            self._sweep(batch, through)
+            self._sweep_through = None
+        bucket_s = self.rules.bucket_s
         for key, rec in self._impressions.items():
-            batch.put(key, _enc.encode(rec))
+            # A buffered record already behind the horizon would never be swept again.
+            if int(rec.timestamp // bucket_s) > through:
+                batch.put(key, _enc.encode(rec))
         self.checkpoint.flushes += 1
         for bucket, ids in self._expiry_index.items():
+            if bucket <= through:
+                continue
             suffix = bucket.to_bytes(8, "big") + self.checkpoint.flushes.to_bytes(8, "big")
             batch.put(_pkey(b"x", self.partition, suffix), _enc.encode(ids))
         for key in self._dirty_counts:
             batch.put(_pkey(b"c", self.partition, key.encode()), _enc.encode(self._counts[key]))
         for impression_id in self._parked_dirty:
             wkey = _pkey(b"w", self.partition, impression_id.encode())
-            events = self.parked.get(impression_id)
+            events = self._parked.get(impression_id)
             if events:
                 batch.put(wkey, _enc.encode(events))
             else:
                 batch.delete(wkey)
         self.checkpoint.offsets.update(offsets)
-        self._sweep_expired(batch)
+        self.checkpoint.watermark = self.watermark
+        self.checkpoint.expired_through = self.expired_through
         batch.put(_pkey(b"o", self.partition), _enc.encode(self.checkpoint))
         return batch
 
@@ -392,7 +381,7 @@ class Ingest:
         self.flush_lock = asyncio.Lock()
         # Impressions naming a creative this process has not seen yet: it may have
         # been registered a moment ago, so they wait for a registry sync.
-        self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Impression]] = []
+        self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Impression, float]] = []
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -483,6 +472,9 @@ class Ingest:
     # -- processing ----------------------------------------------------------------
     def process(self, batches: dict[TopicPartition, list[Any]]) -> None:
         """Apply a fetched batch. Impressions first, so in-batch clicks find them."""
+        # The wall time the batch arrived at: the join's parking and, for the whole
+        # batch, what "now" means (one clock read per fetch, not per event).
+        now_wall = time.time()
         order = {"impressions": 0, "clicks": 1, "conversions": 2}
         for tp in sorted(batches, key=lambda tp: order[self.roles[tp.topic]]):
             records = batches[tp]
@@ -507,7 +499,11 @@ class Ingest:
                 except InvalidRecord as exc:
                     self.dead_letter(tp, record, exc.code, exc.reason)
                     continue
-                handler(state, tp, record, event)
+                if not key_matches(record.key, event.impression_id):
+                    reason = state.join.reason(KEY_MISMATCH, event.impression_id, key=record.key)
+                    self.dead_letter(tp, record, KEY_MISMATCH, reason)
+                    continue
+                handler(state, tp, record, event, now_wall)
             pending[role] = records[-1].offset + 1
 
     async def _resolve_unknown_creatives(self) -> None:
@@ -517,8 +513,8 @@ class Ingest:
         async with self.flush_lock:
             await self._follower.sync()
             pending, self._unresolved = self._unresolved, []
-            for state, tp, record, imp in pending:
-                self._on_impressions(state, tp, record, imp, final=True)
+            for state, tp, record, imp, now_wall in pending:
+                self._on_impressions(state, tp, record, imp, now_wall, final=True)
 
     def _on_impressions(
         self,
@@ -526,6 +522,7 @@ class Ingest:
         tp: TopicPartition,
         record: Any,
         imp: Impression,
+        now_wall: float,
         final: bool = False,
     ) -> None:
         if "|" in imp.audience:
@@ -539,7 +536,7 @@ class Ingest:
         creative = self.registry.get(imp.creative_id)
         if creative is None or creative.campaign != imp.campaign:
             if not final:
-                self._unresolved.append((state, tp, record, imp))
+                self._unresolved.append((state, tp, record, imp, now_wall))
                 return
             if not self.registry.has_campaign(imp.campaign):
                 self.dead_letter(
@@ -556,48 +553,64 @@ class Ingest:
                     f"creative {imp.creative_id!r} is not registered for campaign {imp.campaign!r}",
                 )
             return
-        code = state.add_impression(imp, record.offset)
+        code = state.add_impression(imp, record.offset, now_wall)
         if code is not None:
-            self.dead_letter(
-                tp, record, code, f"impression_id {imp.impression_id!r} was already counted"
+            reason = state.join.reason(
+                code,
+                imp.impression_id,
+                kind="impression",
+                timestamp=imp.timestamp,
+                now_wall=now_wall,
             )
+            self.dead_letter(tp, record, code, reason)
             return
         self.metrics.events["impressions"] += 1
-        if state.parked and imp.impression_id in state.parked:
-            for parked in state.unpark(imp.impression_id):
-                source = TopicPartition(self.settings.topic(parked.role), tp.partition)  # type: ignore[arg-type]
-                event = self.decoders[parked.role].decode(parked.original)
-                self._count_or_dead_letter(
-                    state.attribute(event),
-                    parked.role,
-                    source,
-                    parked.offset,
-                    parked.key,
-                    parked.original,
-                    event.impression_id,
-                )
+        join = state.join
+        if join.parked_count and join.has_parked(imp.impression_id):
+            self._release_parked(state, tp.partition, imp.impression_id)
+
+    def _release_parked(self, state: PartitionState, partition: int, impression_id: str) -> None:
+        """The clicks/conversions that waited for an impression just counted."""
+        ready, expired = state.join.take_released(impression_id)
+        for parked in expired:
+            self._dead_letter_parked(state, partition, parked)
+        for parked in ready:
+            source = TopicPartition(self.settings.topic(parked.role), partition)  # type: ignore[arg-type]
+            event = self.decoders[parked.role].decode(parked.original)
+            # Its event time was checked when it arrived.
+            self._count_or_dead_letter(
+                state,
+                state.attribute(event, None),
+                parked.role,
+                source,
+                parked.offset,
+                parked.key,
+                parked.original,
+                event,
+                None,
+            )
 
     def _on_attribution(
-        self, state: PartitionState, tp: TopicPartition, record: Any, event: Click | Conversion
+        self,
+        state: PartitionState,
+        tp: TopicPartition,
+        record: Any,
+        event: Click | Conversion,
+        now_wall: float,
     ) -> None:
-        code = state.attribute(event)
-        role = self.roles[tp.topic]
-        if code == "unknown_impression" and self.settings.click_wait_s > 0:
-            state.park(
-                event.impression_id,
-                ParkedEvent(
-                    role,
-                    event.impression_id,
-                    event.timestamp,
-                    record.offset,
-                    time.time(),
-                    record.value,
-                    record.key,
-                ),
-            )
+        code = state.attribute(event, now_wall, record.offset, record.value, record.key)
+        if code == PARKED:
             return
         self._count_or_dead_letter(
-            code, role, tp, record.offset, record.key, record.value, event.impression_id
+            state,
+            code,
+            self.roles[tp.topic],
+            tp,
+            record.offset,
+            record.key,
+            record.value,
+            event,
+            now_wall,
         )
 
     _on_clicks = _on_attribution
@@ -605,32 +618,39 @@ class Ingest:
 
     def _count_or_dead_letter(
         self,
+        state: PartitionState,
         code: str | None,
         role: str,
         tp: TopicPartition,
         offset: int,
         key: bytes | None,
         value: bytes | None,
-        impression_id: str,
+        event: Click | Conversion,
+        now_wall: float | None,
     ) -> None:
         if code is None:
             self.metrics.events[role] += 1
         else:
-            self._dead_letter_raw(tp, offset, key, value, code, self._reason(code, impression_id))
+            reason = state.join.reason(
+                code,
+                event.impression_id,
+                kind="click" if role == "clicks" else "conversion",
+                timestamp=event.timestamp,
+                now_wall=now_wall,
+            )
+            self._dead_letter_raw(tp, offset, key, value, code, reason)
 
-    def _reason(self, code: str, impression_id: str) -> str:
-        window = self.settings.attribution_window_s
-        return {
-            "unknown_impression": f"no impression {impression_id!r} arrived within "
-            f"{self.settings.click_wait_s:g} s (ADLOOP_CLICK_WAIT_S), or it expired",
-            "late_click": f"click on {impression_id!r} is outside the {window:g} s "
-            "attribution window (ADLOOP_ATTRIBUTION_WINDOW_S)",
-            "late_conversion": f"conversion on {impression_id!r} is outside the {window:g} s "
-            "attribution window",
-            "duplicate_click": f"impression {impression_id!r} was already clicked; "
-            "a click is counted once",
-            "duplicate_conversion": f"impression {impression_id!r} already converted",
-        }.get(code, code)
+    def _dead_letter_parked(self, state: PartitionState, partition: int, ev: ParkedEvent) -> None:
+        topic = self.settings.topic(ev.role)  # type: ignore[arg-type]
+        reason = state.join.reason(UNKNOWN_IMPRESSION, ev.impression_id)
+        self._dead_letter_raw(
+            TopicPartition(topic, partition),
+            ev.offset,
+            ev.key,
+            ev.original,
+            UNKNOWN_IMPRESSION,
+            reason,
+        )
 
     # -- dead letters -----------------------------------------------------------------
     def dead_letter(self, tp: TopicPartition, record: Any, code: str, reason: str) -> None:
@@ -677,17 +697,9 @@ class Ingest:
         wall = time.time()
         for p, state in self.states.items():
             tp = TopicPartition(self.settings.topic("impressions"), p)
-            caught_up = self._caught_up(tp)
-            for ev in state.expired_parked(wall, caught_up):
-                topic = self.settings.topic(ev.role)  # type: ignore[arg-type]
-                self._dead_letter_raw(
-                    TopicPartition(topic, p),
-                    ev.offset,
-                    ev.key,
-                    ev.original,
-                    "unknown_impression",
-                    self._reason("unknown_impression", ev.impression_id),
-                )
+            for ev in state.join.expire_parked(wall, self._caught_up(tp)):
+                self._dead_letter_parked(state, p, ev)
+                # A checkpoint for p even without new input: the parked set changed.
                 self._pending_offsets.setdefault(p, {})
         if not self._pending_offsets and not self._dead:
             self._last_flush = now

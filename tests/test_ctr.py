@@ -41,11 +41,11 @@ from adloop.generator.train_ctr import (
     expected_calibration_error,
     per_creative_baseline,
     read_export,
-    read_kafka_log,
     split_by_time,
     train_ctr,
 )
 from adloop.streams.config import Settings
+from adloop.streams.ctr_data import read_kafka_log
 
 # Strong, learnable signal (audience × theme, placement), many impressions per row so
 # labels are not noise, few rows so steps are few.
@@ -291,6 +291,10 @@ def test_kafka_log_joins_clicks_in_the_attribution_window() -> None:
             {"schema_version": 1, "impression_id": "i1", "timestamp": t0 + 5},
             {"schema_version": 1, "impression_id": "i1", "timestamp": t0 + 6},  # duplicate
             {"schema_version": 1, "impression_id": "i2", "timestamp": t0 + 600},  # late
+            # Keyed by another id: the ingest dead-letters it (key_mismatch).
+            (b"i2", {"schema_version": 1, "impression_id": "i3", "timestamp": t0 + 5}),
+            # More than the clock skew (300 s) before its impression.
+            {"schema_version": 1, "impression_id": "i5", "timestamp": t0 - 301},
         ],
         settings.topic("impressions"): [
             imp("i1", "cr1"),
@@ -298,23 +302,31 @@ def test_kafka_log_joins_clicks_in_the_attribution_window() -> None:
             imp("i3", "cr2"),
             imp("i4", "cr-unknown"),
             b"not json",
+            (b"other", imp("i6", "cr1")),
+            imp("i5", "cr1"),
+            imp("i1", "cr2"),  # duplicate id
         ],
     }
 
     def records(topic: str) -> Iterator[FakeRecord]:
-        for offset, value in enumerate(topics[topic]):
-            payload = value if isinstance(value, bytes) else json.dumps(value).encode()
-            yield FakeRecord(topic=topic, value=payload, offset=offset)
+        for offset, entry in enumerate(topics[topic]):
+            key, value = entry if isinstance(entry, tuple) else (None, entry)
+            if isinstance(value, dict):
+                key = key or str(value.get("impression_id") or value["creative_id"]).encode()
+                value = json.dumps(value).encode()
+            yield FakeRecord(topic=topic, value=value, key=key, offset=offset)
 
     result = read_kafka_log(settings, records=records)
-    assert len(result) == 3
-    assert result.clicked.tolist() == [True, False, False]
+    assert len(result) == 4
+    assert result.clicked.tolist() == [True, False, False, False]  # i1, i2, i3, i5
     assert {k.headline for k in result.keys} == {"New text", "Other"}
     bad = {b.where: b.reason for b in result.bad_rows}
     prefix = f"{settings.topic('impressions')}/0@"
-    assert sorted(bad) == [f"{prefix}3", f"{prefix}4"]
+    assert sorted(bad) == [f"{prefix}{n}" for n in (3, 4, 5, 7)]
     assert "unknown_creative" in bad[f"{prefix}3"]
     assert "malformed_json" in bad[f"{prefix}4"]
+    assert bad[f"{prefix}5"].startswith("key_mismatch: record key 'other'")
+    assert bad[f"{prefix}7"].startswith("duplicate_impression_id")
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ creative is served. Its story is complete.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -64,6 +65,9 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     )
     assert status == 200
     rng = np.random.default_rng(0)
+    # Event times a second apart, in the last hour: the ingest refuses event times far
+    # from its clock (ADLOOP_MAX_EVENT_AGE_S, ADLOOP_MAX_CLOCK_SKEW_S).
+    t0 = float(int(time.time())) - 3600.0
     for i in range(1200):
         creative = ("c1", "c2")[i % 2]
         iid = f"i{i}"
@@ -73,7 +77,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
             {
                 "schema_version": 1,
                 "impression_id": iid,
-                "timestamp": 1_760_000_000.0 + i,
+                "timestamp": t0 + i,
                 "campaign": "shoes",
                 "audience": "students",
                 "placement": "feed",
@@ -86,7 +90,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
             stack.publish(
                 "clicks",
                 iid,
-                {"schema_version": 1, "impression_id": iid, "timestamp": 1_760_000_001.0 + i},
+                {"schema_version": 1, "impression_id": iid, "timestamp": t0 + 1 + i},
             )
     stack.flush()
 

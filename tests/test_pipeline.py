@@ -105,6 +105,11 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     bad("clicks", "ghost", click("ghost"), "unknown_impression")
     bad("clicks", "i2", click("i2", T0 + WINDOW + 1), "late_click")
     bad("clicks", "b10", b"null", "wrong_type")
+    # Event-time hygiene and the key contract.
+    bad("impressions", "f1", imp("f1", "c1", ts=time.time() + 3600), "timestamp_out_of_range")
+    bad("impressions", "f2", imp("f2", "c1", ts=T0 - 8 * 86400), "timestamp_out_of_range")
+    bad("clicks", "i4", click("i4", T0 - 301), "click_before_impression")
+    bad("clicks", "not-i3", click("i3", T0 + 7), "key_mismatch")
     bad(
         "conversions",
         "i6",
@@ -138,6 +143,8 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     by_key = {(letter["key_b64"], letter["reason_code"]): letter for letter in letters}
     dup = by_key[("aTE=", "duplicate_impression_id")]  # base64("i1")
     assert json.loads(dup["original"])["creative_id"] == "c2"
+    mismatch = by_key[("bm90LWkz", "key_mismatch")]  # base64("not-i3")
+    assert "'not-i3' is not the impression_id 'i3'" in mismatch["reason"]
 
     parents = stack.decision("spring", "parents")
     assert parents is not None

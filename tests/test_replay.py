@@ -33,6 +33,7 @@ from adloop.bench.replay import (
 )
 from adloop.bench.traffic_logs import ColumnMapping, LogFormatError, LogReader, read_log
 from adloop.streams.config import Settings
+from adloop.streams.join import JoinRules
 
 T0 = 1_760_000_000.0
 
@@ -208,7 +209,7 @@ def test_expected_counts_follow_adloops_counting_rules(tmp_path: Path) -> None:
         ],
     )
     records, _ = read_log(log)
-    expected = expected_counts(records, attribution_window_s=3600)
+    expected = expected_counts(records, JoinRules(attribution_window_s=3600))
     assert expected == {
         ("spring", "students", "c0", "feed"): (2, 1),  # i0 (clicked), i2
         ("spring", "students", "c1", "feed"): (1, 0),  # i1, its click too late
@@ -218,7 +219,7 @@ def test_expected_counts_follow_adloops_counting_rules(tmp_path: Path) -> None:
         ("spring", "students", "c0"): (2, 1),
         ("spring", "students", "c1"): (2, 1),
     }
-    twice = expected_counts(list(repeated(records, 2)), attribution_window_s=3600)
+    twice = expected_counts(list(repeated(records, 2)), JoinRules(attribution_window_s=3600))
     assert twice[("spring", "students", "c0", "feed")] == (4, 2)
 
 

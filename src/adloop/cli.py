@@ -5,8 +5,9 @@ imports the ingest and nothing of the generator or the benchmarks, and only this
 root (and ``adloop.demo``, which it composes) sees every layer:
 
 ======================  =============================================
-``adloop.streams``      broker, topics, ingest, worker, serve, loop, generator, up, schemas
-``adloop.generator``    generate, train-ctr
+``adloop.streams``      broker, topics, ingest, worker, serve, loop, generator, up, schemas,
+                        tokens, audit, train-ctr (the generator's trainer on Kafka data)
+``adloop.generator``    generate
 ``adloop.bench``        bench (spine, bandits, generator, all), replay, simulate
 ``adloop.cli`` (here)   demo: the whole stack plus a simulated exchange
 ======================  =============================================
@@ -38,7 +39,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "tokens": "adloop.streams.commands:tokens",
     "audit": "adloop.streams.commands:audit",
     "generate": "adloop.generator.cli:generate",
-    "train-ctr": "adloop.generator.ctr_cli:train_ctr",
+    "train-ctr": "adloop.streams.ctr_data:train_ctr",
     "bench": "adloop.bench.cli:bench",
     "replay": "adloop.bench.cli:replay",
     "simulate": "adloop.bench.cli:simulate",
