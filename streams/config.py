@@ -156,6 +156,12 @@ class IngestSettings(BaseSettings):
     # partition's watermark.
     max_clock_skew_s: float = Field(default=DEFAULT_MAX_CLOCK_SKEW_S, ge=0)
     max_event_age_s: float = Field(default=DEFAULT_MAX_EVENT_AGE_S, gt=0)
+    # Bounded cardinality, per input partition (README: Failure modes). An impression
+    # that would create more is dead-lettered with a reason naming the setting.
+    max_audiences_per_campaign: int = Field(default=1000, ge=1)
+    max_placements_per_audience: int = Field(default=64, ge=1)
+    # Below the broker's default 1 MiB message size, with room for the envelope.
+    max_snapshot_bytes: int = Field(default=900_000, ge=10_000)
     # Ingest batches: at most this many events / this many ms before a flush.
     ingest_batch_max_events: int = Field(default=20_000, gt=0)
     ingest_batch_max_ms: int = Field(default=20, ge=1)

@@ -56,6 +56,8 @@ from adloop.schemas import (
     RecordDecoder,
     decision_key,
 )
+from adloop.schemas.privacy import is_safe_token
+from adloop.streams import metrics
 from adloop.streams.broker import install_shutdown_signals
 from adloop.streams.config import Settings
 from adloop.streams.follower import Follower
@@ -96,6 +98,36 @@ _json = msgspec.json.Encoder()
 
 def _pkey(tag: bytes, partition: int, rest: bytes = b"") -> bytes:
     return tag + partition.to_bytes(4, "big") + rest
+
+
+TOO_MANY_AUDIENCES = "too_many_audiences"
+TOO_MANY_PLACEMENTS = "too_many_placements"
+SNAPSHOT_TOO_LARGE = "snapshot_too_large"
+
+
+def cell_bytes(creative_id: str, placement: str) -> int:
+    """An upper bound of one counts cell in a snapshot's JSON: both names (at most 128
+    characters of at most 4 UTF-8 bytes... but JSON-escaped) and the four counters."""
+    return len(creative_id.encode()) + len(placement.encode()) + 2 * 8 + 120
+
+
+@dataclass(frozen=True)
+class CardinalityLimits:
+    """What one campaign may create in one input partition. Bounded state and
+    snapshots below the broker's message size whatever an exchange sends (page URLs as
+    placements, one audience per user...)."""
+
+    max_audiences_per_campaign: int
+    max_placements_per_audience: int
+    max_snapshot_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CardinalityLimits:
+        return cls(
+            settings.max_audiences_per_campaign,
+            settings.max_placements_per_audience,
+            settings.max_snapshot_bytes,
+        )
 
 
 @dataclass
@@ -159,6 +191,19 @@ class PartitionState:
         self.join = Join(self.rules, self)
         self._join_impression = self.join.add_impression
         self._join_attribute = self.join.attribute
+        # Bounded cardinality (README: Failure modes): per campaign the audiences, per
+        # campaign|audience the placements and the snapshot's size, in this partition.
+        self.limits = CardinalityLimits.from_settings(settings)
+        self.privacy = settings.privacy_policy()
+        self._audiences: dict[str, set[str]] = {}
+        self._placements: dict[str, set[str]] = {}
+        self._key_bytes: dict[str, int] = {}
+        prefix = _pkey(b"c", partition)
+        for key in db.keys(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            campaign, _, audience = key[len(prefix) :].decode().partition("|")
+            self._audiences.setdefault(campaign, set()).add(audience)
 
     # -- JoinStore -------------------------------------------------------------------
     def get(self, impression_id: str) -> ImpressionRecord | None:
@@ -230,12 +275,48 @@ class PartitionState:
             cell = by_placement.get(rec.placement)
             if cell is None:
                 cell = by_placement[rec.placement] = CreativeCounts()
+                self._audiences.setdefault(rec.campaign, set()).add(rec.audience)
+                if key in self._placements:
+                    self._placements[key].add(rec.placement)
+                    self._key_bytes[key] += cell_bytes(rec.creative_id, rec.placement)
             found = self._cells[ident] = (key, cell)
         key, cell = found
         self._dirty_counts.add(key)
         if event_time > self._last_event_at.get(key, 0.0):
             self._last_event_at[key] = event_time
         return cell
+
+    def admit(self, imp: Impression) -> str | None:
+        """None when the impression's cell may be counted; else the dead-letter code
+        that keeps this campaign's state (and its snapshot) inside the limits."""
+        if (imp.campaign, imp.audience, imp.creative_id, imp.placement) in self._cells:
+            return None
+        key = decision_key(imp.campaign, imp.audience)
+        audiences = self._audiences.setdefault(imp.campaign, set())
+        if (
+            imp.audience not in audiences
+            and len(audiences) >= self.limits.max_audiences_per_campaign
+        ):
+            return TOO_MANY_AUDIENCES
+        counts = self.counts(key)
+        placements = self._placements.get(key)
+        if placements is None:
+            placements = self._placements[key] = {p for cells in counts.values() for p in cells}
+            self._key_bytes[key] = sum(
+                cell_bytes(c, pl) for c, cells in counts.items() for pl in cells
+            )
+        if (
+            imp.placement not in placements
+            and len(placements) >= self.limits.max_placements_per_audience
+        ):
+            return TOO_MANY_PLACEMENTS
+        if imp.placement not in counts.get(imp.creative_id, {}):
+            size = self._key_bytes[key] + cell_bytes(imp.creative_id, imp.placement)
+            if size > self.limits.max_snapshot_bytes:
+                return SNAPSHOT_TOO_LARGE
+        # Nothing recorded here: _bump records the cell once the impression is counted,
+        # so a refused impression leaves no trace (the same decisions after a restart).
+        return None
 
     # -- event application: the join's outcome, counted ------------------------------------
     def add_impression(self, imp: Impression, offset: int, now_wall: float | None) -> str | None:
@@ -309,7 +390,11 @@ class PartitionState:
             wkey = _pkey(b"w", self.partition, impression_id.encode())
             events = self._parked.get(impression_id)
             if events:
-                batch.put(wkey, _enc.encode(events))
+                # Stored redacted (schemas/privacy.py): decoded again when the impression
+                # comes, it needs the event's fields, never a personal one.
+                redact = self.privacy.redact_payload
+                stored = [msgspec.structs.replace(e, original=redact(e.original)) for e in events]
+                batch.put(wkey, _enc.encode(stored))
             else:
                 batch.delete(wkey)
         self.checkpoint.offsets.update(offsets)
@@ -368,6 +453,7 @@ class Ingest:
             "clicks": RecordDecoder(Click, limit),
             "conversions": RecordDecoder(Conversion, limit),
         }
+        self.privacy = settings.privacy_policy()
         self.db = open_store(settings.data_dir / "ingest")
         self.states: dict[int, PartitionState] = {}
         self.metrics = IngestMetrics()
@@ -382,6 +468,8 @@ class Ingest:
         # Impressions naming a creative this process has not seen yet: it may have
         # been registered a moment ago, so they wait for a registry sync.
         self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Impression, float]] = []
+        self._exported: dict[tuple[str, str], int] = {}
+        self._next_gauges = 0.0
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -448,9 +536,50 @@ class Ingest:
             self._fetch_wait.observe(batches)
             if batches:
                 self.process(batches)
-            if self._unresolved:
-                await self._resolve_unknown_creatives()
+            if self._unresolved and not await self._resolve_unknown_creatives():
+                # No checkpoint may pass records not yet applied: flush once they are.
+                continue
             await self.flush(force=False, idle=not batches)
+            self._export_metrics()
+
+    def _export_metrics(self) -> None:
+        """Counters to Prometheus, by difference (a labelled inc() per event would cost
+        more than the event's join)."""
+        for kind, n in self.metrics.events.items():
+            delta = n - self._exported.get(("e", kind), 0)
+            if delta:
+                metrics.EVENTS.labels(kind).inc(delta)
+                self._exported[("e", kind)] = n
+        for reason, n in self.metrics.dead_letters.items():
+            delta = n - self._exported.get(("d", reason), 0)
+            if delta:
+                metrics.DEAD_LETTERS.labels(reason).inc(delta)
+                self._exported[("d", reason)] = n
+        now = time.monotonic()
+        if now < self._next_gauges:
+            return
+        self._next_gauges = now + 1.0
+        assert self._consumer is not None
+        lag: Counter[str] = Counter()
+        for tp in self._consumer.assignment():
+            try:
+                highwater = self._consumer.highwater(tp)
+                position = self._pending_offsets.get(tp.partition, {}).get(self.roles[tp.topic])
+                if position is None:
+                    state = self.states.get(tp.partition)
+                    position = state.checkpoint.offsets.get(self.roles[tp.topic], 0) if state else 0
+            except (AssertionError, KeyError):
+                continue
+            if highwater is not None:
+                lag[self.roles[tp.topic]] += max(0, highwater - position)
+        for role in self.decoders:
+            metrics.INGEST_LAG.labels(role).set(lag.get(role, 0))
+        metrics.STATE_ENTRIES.labels("ingest", "parked").set(
+            sum(s.join.parked_count for s in self.states.values())
+        )
+        metrics.STATE_ENTRIES.labels("ingest", "cells").set(
+            sum(len(s._cells) for s in self.states.values())
+        )
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -506,12 +635,20 @@ class Ingest:
                 handler(state, tp, record, event, now_wall)
             pending[role] = records[-1].offset + 1
 
-    async def _resolve_unknown_creatives(self) -> None:
+    async def _resolve_unknown_creatives(self) -> bool:
+        """Apply the impressions that waited for the registry; False while the registry
+        cannot be read up to its end (they wait: a creative registered a moment ago
+        must not be dead-lettered because a sync timed out)."""
         assert self._follower is not None
         # Under the flush lock, so a rebalance cannot checkpoint past these records
         # before they are applied.
         async with self.flush_lock:
-            await self._follower.sync()
+            if not await self._follower.sync():
+                log.warning(
+                    "registry not in sync; impressions of unknown creatives wait",
+                    extra={"waiting": len(self._unresolved)},
+                )
+                return False
             pending, self._unresolved = self._unresolved, []
             for state, tp, record, imp, now_wall in pending:
                 self._on_impressions(state, tp, record, imp, now_wall, final=True)
@@ -525,12 +662,13 @@ class Ingest:
         now_wall: float,
         final: bool = False,
     ) -> None:
-        if "|" in imp.audience:
+        if not is_safe_token(imp.audience):
             self.dead_letter(
                 tp,
                 record,
                 "invalid_value",
-                f"audience {imp.audience!r} contains '|', the key separator",
+                f"audience {imp.audience[:80]!r}: 1-128 letters, digits and _ . : @ - "
+                "(no spaces, control characters or '|', the key separator)",
             )
             return
         creative = self.registry.get(imp.creative_id)
@@ -553,6 +691,10 @@ class Ingest:
                     f"creative {imp.creative_id!r} is not registered for campaign {imp.campaign!r}",
                 )
             return
+        code = state.admit(imp)
+        if code is not None:
+            self.dead_letter(tp, record, code, self._limit_reason(code, imp))
+            return
         code = state.add_impression(imp, record.offset, now_wall)
         if code is not None:
             reason = state.join.reason(
@@ -568,6 +710,20 @@ class Ingest:
         join = state.join
         if join.parked_count and join.has_parked(imp.impression_id):
             self._release_parked(state, tp.partition, imp.impression_id)
+
+    def _limit_reason(self, code: str, imp: Impression) -> str:
+        s = self.settings
+        return {
+            TOO_MANY_AUDIENCES: f"campaign {imp.campaign!r} already has "
+            f"{s.max_audiences_per_campaign} audiences in this partition "
+            "(ADLOOP_MAX_AUDIENCES_PER_CAMPAIGN); register or merge audiences",
+            TOO_MANY_PLACEMENTS: f"{imp.campaign}|{imp.audience} already has "
+            f"{s.max_placements_per_audience} placements in this partition "
+            "(ADLOOP_MAX_PLACEMENTS_PER_AUDIENCE); send placement types, not page URLs",
+            SNAPSHOT_TOO_LARGE: f"{imp.campaign}|{imp.audience}'s counts would exceed "
+            f"{s.max_snapshot_bytes} bytes (ADLOOP_MAX_SNAPSHOT_BYTES, below the broker's "
+            "message size); fewer creatives x placements per audience",
+        }.get(code, code)
 
     def _release_parked(self, state: PartitionState, partition: int, impression_id: str) -> None:
         """The clicks/conversions that waited for an impression just counted."""
@@ -670,7 +826,8 @@ class Ingest:
             partition=tp.partition,
             offset=offset,
             key_b64=base64.b64encode(key).decode() if key is not None else None,
-            original_b64=base64.b64encode(value or b"").decode(),
+            # What is needed to diagnose, personal fields hashed (schemas/privacy.py).
+            original_b64=base64.b64encode(self.privacy.redact_payload(value)).decode(),
             reason_code=code,
             reason=reason,
             failed_at=time.time(),
@@ -707,10 +864,9 @@ class Ingest:
         futures = []
         outcomes = self.settings.topic("outcomes")
         for key, snapshot in self._snapshots(wall).items():
-            futures.append(
-                await self._producer.send(outcomes, _json.encode(snapshot), key=key.encode())
-            )
-            self.metrics.snapshots += 1
+            for value in split_snapshot(snapshot, self.settings.max_snapshot_bytes):
+                futures.append(await self._producer.send(outcomes, value, key=key.encode()))
+                self.metrics.snapshots += 1
         dlq = self.settings.topic("dead_letter")
         for key, value in self._dead:
             futures.append(await self._producer.send(dlq, value, key=key))
@@ -758,7 +914,22 @@ class Ingest:
         return highwater is not None and position >= highwater
 
 
+def split_snapshot(snapshot: OutcomeSnapshot, max_bytes: int) -> list[bytes]:
+    """The snapshot as one message, or one per source partition when together they
+    would exceed ``max_bytes`` (the worker keeps the latest snapshot per source
+    partition, so the parts mean the same as the whole). One partition's counts stay
+    under the limit by the cardinality limits (``PartitionState.admit``)."""
+    whole = _json.encode(snapshot)
+    if len(whole) <= max_bytes or len(snapshot.sources) == 1:
+        return [whole]
+    return [
+        _json.encode(msgspec.structs.replace(snapshot, sources={p: counts}))
+        for p, counts in snapshot.sources.items()
+    ]
+
+
 async def run_ingest(settings: Settings) -> None:
+    metrics.serve_metrics(settings.metrics_host, settings.metrics_port, "ingest")
     ingest = Ingest(settings)
     install_shutdown_signals(ingest.request_stop, loop=asyncio.get_running_loop())
     await ingest.start()
