@@ -63,7 +63,7 @@ DEFAULT_BLOCKLIST: tuple[str, ...] = (
     "phuck*", "phuk*", "fack", "facking", "feck", "fecking",
     "shit*", "bullshit*", "horseshit*", "apeshit", "batshit",
     "bitch*", "bastard*", "ass", "asses", "arse", "asshole*", "arsehole*", "dumbass*",
-    "jackass*", "badass*", "cunt*", "twat*", "dickhead*", "douchebag*", "piss", "pissed", "slut*",
+    "jackass*", "badass*", "cunt*", "twat*", "dickhead*", "douchebag*", "piss*", "slut*",
     "whore*", "wank*", "bollocks", "goddamn*", "dammit", "crap", "damn", "wtf",
     "porn*", "xxx", "nude*", "naked", "escort*", "sex", "blowjob*", "dildo*",
     "kill", "killing", "murder*", "gun", "guns", "shooting", "shooter*", "bomb*",
@@ -734,7 +734,12 @@ _OFFERS: tuple[_Claim, ...] = (
         r"\bfree[\s-]+(?:returns?|exchanges?|collection)\b",
         r"\b(?:returns?|exchanges?)\s+(?:are\s+|is\s+)?(?:free|on\s+us)\b",
     ),
-    _claim("offer", "free trial", r"\bfree[\s-]+trials?\b|\btrials?\s+(?:is\s+)?free\b"),
+    _claim(
+        "offer",
+        "free trial",
+        r"\bfree[\s-]+(?:(?:\d+|\w+)[\s-]+(?:day|week|month)s?[\s-]+)?trials?\b"
+        r"|\btrials?\s+(?:is\s+)?free\b",
+    ),
     _claim(
         "offer",
         "financing",
@@ -753,6 +758,7 @@ _OFFERS: tuple[_Claim, ...] = (
         r"|\bprice\s+match\w*|\bfor\s+less\s+than\b",
         r"\blowest\s+(?:rates?|fares?|fees?|premiums?|costs?)\b|\b(?:a|at\s+a)\s+steal\b"
         r"|\bfor\s+pennies\b|\bat\s+cost(?:\s+price)?\b|\bbest\s+value\b"
+        r"|\b(?:a|just\s+a|only\s+a)\s+(?:fiver|tenner)\b"
         r"|\bpriced\s+to\s+(?:go|sell|clear|move)\b|\bhalf\s+the\s+(?:price|cost)\b",
     ),
     _claim(
@@ -850,6 +856,7 @@ _CONDITION = (
     r"|tooth\s+decay|eye\s+strain|injur(?:y|ies)|cramps?|itch(?:ing|y\s+skin)?|wrinkles"
     r"|fine\s+lines|jet\s+lag|colic|tiredness|balding|flat\s+feet|sore\s+throats?"
     r"|panic\s+attacks?|asthma\s+attacks?|heart\s+attacks?|strokes?|bad\s+knees"
+    r"|stiff\s+joints|hearing\s+loss|sids|cot\s+death|sudden\s+infant\s+death|cartilage"
 )
 _GAP = r"(?:\s+[\w'-]+){0,3}?\s+"
 
@@ -877,7 +884,8 @@ _HEALTH: tuple[_Claim, ...] = (
         _treats(
             r"cur(?:e|es|ed|ing)(?:\s+for)?|eliminat\w+|eradicat\w+|revers(?:e|es|ed|ing)"
             r"|eras(?:e|es|ed|ing)|remov(?:e|es|ed|ing)|get\s+rid\s+of|kills?|killing"
-            r"|destroys?|fix(?:es|ed)?"
+            r"|destroys?|fix(?:es|ed)?|rebuild(?:s|ing)?|repair(?:s|ing)?|regenerat\w+"
+            r"|restor(?:e|es|ing)"
         ),
     ),
     _claim(
@@ -885,7 +893,8 @@ _HEALTH: tuple[_Claim, ...] = (
         "heal",
         # "heals your knees", "aromatherapy that heals"; not "help heal the planet".
         rf"\bheal(?:s|ed|ing)?{_GAP}(?:{_CONDITION}|skin|knees?|joints?|body|gut|muscles?"
-        r"|scalp|gums?|teeth|bones?|back|feet|wounds?)\b|\bheal(?:s|ed|ing)?(?=\s*(?:[.,!?\n]|$))",
+        r"|scalp|gums?|teeth|bones?|back|feet|wounds?)\b|\bheal(?:s|ed|ing)?(?=\s*(?:[.,!?\n]|$))"
+        r"|\b\w+-heal(?:ing|s)\b",  # "gut-healing"
     ),
     _claim("health claim", "treat", _treats(r"treat(?:s|ed|ing|ment)?(?:\s+for|\s+of)?")),
     _claim(
@@ -1037,7 +1046,8 @@ _SUPERLATIVES: tuple[_Claim, ...] = (
         r"|seats?\b|times?\b|for\s+(?:you|your)\b|friend|days\b|moments\b|version\b))",
         rf"\bthe\s+(?:{_EST.removesuffix('|best')})\b(?!\s+(?:yet|of)\b)",
         r"\bthe\s+most\s+(?!of\b|out\b|important\b|part\b|likely\b|people\b)[\w-]+",
-        r"\bmost\s+(?:trusted|loved|recommended|reliable|advanced|powerful|comfortable"
+        r"\bmost\s+(?:trusted|loved|recommended|reliable|advanced|powerful|comfortable|downloaded"
+        r"|used|installed|bought|sold"
         r"|accurate|effective|awarded)\b",
         # "best X in Y"; not "your best in linen", "works best in summer".
         r"(?<!\b(?:your|my|our|his|her|their|its|look|looking|feel|feeling|at|be|being|is|are"
@@ -1170,8 +1180,9 @@ class ClaimsRule:
             return f"states {', '.join(shown)}, a figure not in the brief (it states: {stated})"
         view = _view(raw)
         for found in sorted(_find_claims(view), key=lambda f: f.start):  # first in the text
+            # A bare "free" ("try it free") refers to whatever the brief offers free.
             if found.key not in self.stated and not (
-                found.key == "free" and any(k.startswith("free: ") for k in self.stated)
+                found.key == "free" and any(k.startswith("free") for k in self.stated)
             ):
                 written = view.raw_span(found.start, found.end)
                 verb = "offers" if found.claim.kind == "offer" else f"makes a {found.claim.kind}"
