@@ -203,6 +203,7 @@ def _unmask_word(match: regex.Match[str]) -> str:
     return word
 
 
+@functools.lru_cache(maxsize=2048)  # each rule of a variant asks for the same views
 def _view(raw: str) -> _View:
     chars: list[str] = []
     origin: list[int] = []
@@ -275,10 +276,11 @@ def _despaced(
 _DOT_LOOKALIKES = str.maketrans(dict.fromkeys("。｡․‧•·∙⋅・", "."))
 
 
-def _link_views(raw: str) -> list[_View]:
+@functools.lru_cache(maxsize=2048)
+def _link_views(raw: str) -> tuple[_View, _View]:
     view = _view(raw)
     dotted = _View(view.text.translate(_DOT_LOOKALIKES), view.origin, raw)
-    return [dotted, _despaced(dotted, keep_dots=True)]
+    return dotted, _despaced(dotted, keep_dots=True)
 
 
 # --- Rules ------------------------------------------------------------------------------
@@ -541,7 +543,14 @@ def _plausible(span: str, term: str) -> bool:
     return span not in SAFE_WORDS
 
 
-def _find_term(terms: Sequence[str], raw: str) -> tuple[str, str, bool] | None:
+@functools.lru_cache(maxsize=64)
+def _any_term_pattern(terms: tuple[str, ...]) -> regex.Pattern[str] | None:
+    """All of ``terms`` in one pattern: most text matches none, and one search says so."""
+    patterns = [p.pattern for t in terms if (p := _disguised_term_pattern(t)) is not None]
+    return regex.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def _find_term(terms: tuple[str, ...], raw: str) -> tuple[str, str, bool] | None:
     """(term, what the text says, disguised?) for the first of ``terms`` found."""
     view = _view(raw)
     views = (
@@ -550,6 +559,9 @@ def _find_term(terms: Sequence[str], raw: str) -> tuple[str, str, bool] | None:
         _despaced(view, evenly=True, article=True),
         _despaced(view),
     )
+    screen = _any_term_pattern(terms)
+    if screen is None or not any(screen.search(v.text) for v in views):
+        return None
     for term in terms:
         pattern = _disguised_term_pattern(term)
         if pattern is None:
@@ -1338,6 +1350,8 @@ class VariantFilter:
         if relevance is not None:
             rules.append(relevance)  # last: the costliest, and only on what the rest let by
         self.rules: tuple[Rule, ...] = tuple(rules)
+        # Checked once here: isinstance against a runtime Protocol is slow per call.
+        self._batched = tuple(isinstance(rule, BatchRule) for rule in self.rules)
 
     @property
     def rule_names(self) -> list[str]:
@@ -1363,12 +1377,12 @@ class VariantFilter:
         batch = list(variants)
         failed: list[Rejection | None] = [None] * len(batch)
         pending = list(range(len(batch)))
-        for rule in self.rules:
+        for rule, batched in zip(self.rules, self._batched, strict=True):
             if not pending:
                 break
             candidates = [batch[i] for i in pending]
-            if isinstance(rule, BatchRule):
-                reasons = rule.check_many(candidates)
+            if batched:
+                reasons = rule.check_many(candidates)  # type: ignore[attr-defined]
             else:
                 reasons = [rule.check(v) for v in candidates]
             survivors = []
