@@ -1168,8 +1168,14 @@ class ClaimsRule:
     * Superlatives: number one, best(-selling), top-rated, award-winning, leading,
       unbeatable, "the only", "world's best".
 
-    A claim passes when the brief makes a claim with the same key (``stated``), so "Free
-    delivery" passes for a brief offering free delivery, "Free" or "free returns" do not.
+    A claim passes when the brief makes a claim with the same key (``stated_claims``, not
+    counting what the brief rules out: "do not promise a free trial"). Keys name the kind
+    of claim and, where it matters, its object: "free shipping", "free: cancellation",
+    "relieve: back pain", "best-selling". So "Free delivery" passes for a brief offering
+    free delivery, "free returns" or "free upgrades" do not, and a bare "free" passes for
+    any free thing the brief offers; "stops migraines" does not pass for a brief that
+    relieves headaches. Figures in a brief's constraints count as stated even when ruled
+    out ("never say 50 % off"), as before.
     """
 
     allowed: frozenset[str]
