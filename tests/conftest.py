@@ -13,7 +13,10 @@ from adloop.streams.config import Settings
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     """One embedded Tansu broker for the whole test session (in-memory storage)."""
-    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as started:
+    # A generous startup limit: a wait that ends as soon as the broker answers.
+    with EmbeddedBroker(
+        log_dir=tmp_path_factory.mktemp("broker"), startup_timeout_s=120
+    ) as started:
         yield started
 
 
