@@ -178,5 +178,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     assert asyncio.run(controller.retrain()) == 0
     models = stack.settings.models_dir or stack.settings.data_dir / "models"
     cards = [json.loads(p.read_text()) for p in (models / "ctr").glob("*/model_card.json")]
-    assert cards and cards[-1]["data"]["impressions"] >= 1200, cards
-    assert CtrScorer.load(models).version == cards[-1]["version"]
+    assert cards, "no CTR model trained"
+    newest = max(cards, key=lambda card: card["version"])  # versions start with their time
+    assert newest["data"]["impressions"] >= 1200, cards
+    assert CtrScorer.load(models).version == newest["version"]
