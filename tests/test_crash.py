@@ -23,13 +23,15 @@ AUDIENCES = ["a1", "a2", "a3", "a4"]
 EVENTS = 20_000
 
 
-#: Kill points: (impressions counted in the decisions, roles to kill) — by progress of
-#: the stream, not by the clock, so every kill lands mid-stream on any machine.
+#: Kill points, by progress of the stream, not by the clock: the producer publishes
+#: up to ``published`` events, and once the decisions count ``counted`` impressions
+#: (some of the published ones still in flight) the roles are killed and restarted;
+#: then the stream goes on. Every kill lands mid-stream, on any machine.
 KILLS = [
-    (3_000, ("ingest",)),
-    (7_000, ("worker",)),
-    (11_000, ("ingest",)),
-    (15_000, ("ingest", "worker")),
+    (4_000, 3_000, ("ingest",)),
+    (8_000, 7_000, ("worker",)),
+    (12_000, 11_000, ("ingest",)),
+    (16_000, 15_000, ("ingest", "worker")),
 ]
 
 
@@ -47,10 +49,16 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
             expected[audience][creative][0] += 1
             if i % 7 == 0:
                 expected[audience][creative][1] += 1
+        go = [threading.Event() for _ in KILLS]
         published = threading.Event()
 
         def produce() -> None:
+            phase = 0
             for i in range(EVENTS):
+                if phase < len(KILLS) and i == KILLS[phase][0]:
+                    stack.flush()
+                    go[phase].wait()
+                    phase += 1
                 creative, audience = CREATIVES[i % 3], AUDIENCES[(i // 3) % 4]
                 impression_id = f"e{i}"
                 stack.publish(
@@ -71,14 +79,19 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
 
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
-        for at, roles in KILLS:
-            stack.wait_for(
-                lambda at=at: counted() >= at, what=f"{at:,} impressions counted", state=counted
-            )
-            for role in roles:
-                stack.sup.kill(role)  # returns once the process is gone
-            for role in roles:
-                stack.sup.start(role)
+        try:
+            for phase, (_, at, roles) in enumerate(KILLS):
+                stack.wait_for(
+                    lambda at=at: counted() >= at, what=f"{at:,} impressions counted", state=counted
+                )
+                for role in roles:
+                    stack.sup.kill(role)  # returns once the process is gone
+                for role in roles:
+                    stack.sup.start(role)
+                go[phase].set()
+        finally:
+            for event in go:
+                event.set()
         producer.join(timeout=WAIT_S)
         assert published.is_set()
 
