@@ -14,6 +14,7 @@ probabilities of the shown creative, which VW needs for its importance weighting
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -131,11 +132,16 @@ class VowpalContextual:
         examples instead let the second, heavier one overwrite the first whenever an
         increment was large, and the model forgot which creative earned clicks.)
         """
-        total = float(clicks) + float(non_clicks)
-        if total <= 0:
+        clicks, non_clicks = float(clicks), float(non_clicks)
+        if not (math.isfinite(clicks) and math.isfinite(non_clicks)):
+            raise ValueError("clicks and non_clicks must be finite")
+        if clicks < 0 or non_clicks < 0:
+            raise ValueError("clicks and non_clicks must be non-negative")
+        total = clicks + non_clicks
+        if total == 0:
             return
         p = max(float(propensity), 1e-6)
-        cost = -float(clicks) / total
+        cost = -clicks / total
         self._ws.learn_one(self._examples(context, (arm, cost, p / total)))
 
     def learn_many(

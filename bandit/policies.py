@@ -132,15 +132,7 @@ class ArmStats:
         self.t = t if self.t is None else max(self.t, t)
 
     def add(self, arms: np.ndarray, impressions: np.ndarray, clicks: np.ndarray) -> None:
-        idx = np.asarray(arms, dtype=np.intp).reshape(-1)
-        imps = np.asarray(impressions, dtype=np.float64).reshape(-1)
-        clk = np.asarray(clicks, dtype=np.float64).reshape(-1)
-        if not (idx.shape == imps.shape == clk.shape):
-            raise ValueError("arms, impressions and clicks must have equal lengths")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n_arms):
-            raise IndexError(f"arm positions must be in [0, {self.n_arms})")
-        if np.any(imps < 0) or np.any(clk < 0):
-            raise ValueError("impressions and clicks must be non-negative")
+        idx, imps, clk = self.checked(arms, impressions, clicks)
         # A click may land in a later batch than its impression (the stream counts
         # impressions at once and clicks when they arrive), so only the totals are
         # bounded; discounting between the two can leave a click a hair above its
@@ -148,6 +140,23 @@ class ArmStats:
         np.add.at(self.impressions, idx, imps)
         np.add.at(self.clicks, idx, clk)
         np.minimum(self.clicks, self.impressions, out=self.clicks)
+
+    def checked(
+        self, arms: np.ndarray, impressions: np.ndarray, clicks: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch as flat arrays; raises (changing nothing) if it is invalid."""
+        idx = np.asarray(arms, dtype=np.intp).reshape(-1)
+        imps = np.asarray(impressions, dtype=np.float64).reshape(-1)
+        clk = np.asarray(clicks, dtype=np.float64).reshape(-1)
+        if not (idx.shape == imps.shape == clk.shape):
+            raise ValueError("arms, impressions and clicks must have equal lengths")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_arms):
+            raise IndexError(f"arm positions must be in [0, {self.n_arms})")
+        if not (np.all(np.isfinite(imps)) and np.all(np.isfinite(clk))):
+            raise ValueError("impressions and clicks must be finite")
+        if np.any(imps < 0) or np.any(clk < 0):
+            raise ValueError("impressions and clicks must be non-negative")
+        return idx, imps, clk
 
     @property
     def alpha(self) -> np.ndarray:
@@ -200,6 +209,8 @@ class BanditPolicy(ABC):
     """Common machinery: arms, priors, batched learning, sampling, state."""
 
     name: ClassVar[str]
+    #: Whether outcomes change the serving distribution (False: a fixed baseline).
+    learns: ClassVar[bool] = True
 
     def __init__(self, half_life: float | None = None) -> None:
         self.stats = ArmStats(half_life=half_life)
@@ -228,9 +239,17 @@ class BanditPolicy(ABC):
         clicks: Sequence[float] | np.ndarray,
         t: float | None = None,
     ) -> None:
-        """Add outcome counts observed at time ``t``; positions may repeat."""
+        """Add outcome counts observed at time ``t``; positions may repeat.
+
+        Raises ``ValueError`` (``IndexError`` for an unknown position) and changes
+        nothing when the batch is invalid: negative or non-finite counts. A batch may
+        carry clicks on impressions learnt in an earlier batch (the stream counts a
+        click when it arrives), so its clicks may exceed its impressions; an arm's
+        total clicks never exceed its total impressions (clamped).
+        """
+        batch = self.stats.checked(np.asarray(arms), np.asarray(impressions), np.asarray(clicks))
         self.stats.decay_to(t)
-        self.stats.add(np.asarray(arms), np.asarray(impressions), np.asarray(clicks))
+        self.stats.add(*batch)
 
     def learn_one(self, arm: int, clicked: bool, t: float | None = None) -> None:
         self.learn_many([arm], [1], [int(bool(clicked))], t)
@@ -375,6 +394,7 @@ class Uniform(BanditPolicy):
     """Every arm equally often (the baseline every optimizer must beat)."""
 
     name = "uniform"
+    learns = False
 
     def serving_probabilities(self, rng: np.random.Generator, draws: int = 2000) -> np.ndarray:
         k = self.n_arms

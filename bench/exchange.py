@@ -118,7 +118,7 @@ class HttpSelector:
         return cls(settings.api_host, settings.api_port, token)
 
     def __init__(self, host: str, port: int, token: str | None = None) -> None:
-        self.conn = http.client.HTTPConnection(host, port, timeout=10)
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
         # A bearer token (the local stack's admin token: Supervisor.admin_token).
         self.token = token
 
@@ -141,7 +141,7 @@ class HttpSelector:
                 http.client.ImproperConnectionState,  # a request interrupted half-way
             ):
                 self.conn.close()
-                self.conn = http.client.HTTPConnection(self.conn.host, self.conn.port, timeout=10)
+                self.conn = http.client.HTTPConnection(self.conn.host, self.conn.port, timeout=60)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")

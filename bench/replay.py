@@ -398,6 +398,8 @@ class ReplayOptions:
     repeat: int = 1
     settle_timeout_s: float = 180.0
     stall_timeout_s: float = 30.0
+    # How long the serving API may lag behind the decisions topic at the end.
+    http_timeout_s: float = 15.0
     sample_interval_s: float = 0.25
 
     @property
@@ -792,11 +794,13 @@ async def _settle(
             progress.remove_task(task)
 
 
-def _http_check(settings: Settings, expected: dict[CreativeCell, Counts]) -> list[str]:
+def _http_check(
+    settings: Settings, expected: dict[CreativeCell, Counts], timeout_s: float = 15.0
+) -> list[str]:
     """The serving API's decisions against the log, per creative × audience."""
     api = HttpSelector.local(settings)
     keys = sorted({(c, a) for c, a, _ in expected})
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + timeout_s
     while True:
         observed: dict[CreativeCell, Counts] = {}
         for campaign, audience in keys:
@@ -986,7 +990,9 @@ def _live(
 
         asyncio.run(main())
         report.latency_ms = {k: percentiles(v) for k, v in report.latency_samples_ms.items()}
-        report.http_verified = not _http_check(settings, by_creative(expected))
+        report.http_verified = not _http_check(
+            settings, by_creative(expected), options.http_timeout_s
+        )
         report.process_usage = process_peaks(sup)
 
 
@@ -1037,5 +1043,7 @@ def _preloaded(
 
         asyncio.run(main())
         sup.wait_http_ready()
-        report.http_verified = not _http_check(settings, by_creative(expected))
+        report.http_verified = not _http_check(
+            settings, by_creative(expected), options.http_timeout_s
+        )
         report.process_usage = process_peaks(sup)

@@ -307,6 +307,8 @@ class GenerationOutcome:
     # Variants that passed everything but were not needed (beyond n_variants).
     surplus: int = 0
     seconds: float = 0.0
+    # The call's time limit ended it: a round not started or sampling cut short.
+    deadline_reached: bool = False
     filters_passed: list[str] = field(default_factory=list)
 
     @property
@@ -335,6 +337,7 @@ class VariantGenerator:
         # Set from another thread to end a generate() call at its next token (shutdown).
         self.cancelled = threading.Event()
         self._deadline: float | None = None  # time.perf_counter() of the current call
+        self._deadline_reached = False
         self.limits = PromptLimits(
             max_headline_chars=self.filter_config.max_headline_chars,
             max_description_chars=self.filter_config.max_description_chars,
@@ -369,6 +372,7 @@ class VariantGenerator:
         """
         started = time.perf_counter()
         self._deadline = None if time_limit_s is None else started + time_limit_s
+        self._deadline_reached = False
         filters = [VariantFilter(r.brief, self.filter_config) for r in requests]
         outcomes = [
             GenerationOutcome(r.request_id, [], [], filters_passed=f.rule_names)
@@ -377,6 +381,7 @@ class VariantGenerator:
         prompts = [self.prompt_text(r) for r in requests]
         for round_index in range(self.sampling.max_rounds):
             if self._deadline is not None and time.perf_counter() >= self._deadline:
+                self._deadline_reached = True
                 break
             wanted = {
                 i: self._sequences_for(r.n_variants - len(outcomes[i].variants), round_index)
@@ -394,6 +399,7 @@ class VariantGenerator:
             outcome.surplus = max(0, len(outcome.variants) - request.n_variants)
             outcome.variants = outcome.variants[: request.n_variants]
             outcome.seconds = elapsed
+            outcome.deadline_reached = self._deadline_reached
             log.info(
                 "variants generated",
                 extra={
@@ -404,6 +410,7 @@ class VariantGenerator:
                     "parsed": outcome.parsed,
                     "surplus": outcome.surplus,
                     "rounds": outcome.rounds,
+                    "deadline_reached": outcome.deadline_reached,
                     "rejected": outcome.rejections_by_rule,
                     "seconds": round(elapsed, 2),
                 },
@@ -468,6 +475,7 @@ class VariantGenerator:
         attention_mask = encoded["attention_mask"][row_index]
         prompt_length = input_ids.shape[1]
         stop = _AnswerComplete(tokenizer, prompt_length, self.sampling.variants_per_sequence)
+        interrupted = _Interrupted(self.cancelled, self._deadline)
         if seed is not None:
             torch.manual_seed(seed)
         generate_kwargs: dict[str, Any] = {
@@ -477,7 +485,7 @@ class VariantGenerator:
             "max_new_tokens": self.sampling.max_new_tokens,
             "eos_token_id": loaded.stop_token_ids,
             "pad_token_id": tokenizer.pad_token_id,
-            "stopping_criteria": [stop, _Interrupted(self.cancelled, self._deadline)],
+            "stopping_criteria": [stop, interrupted],
         }
         started = time.perf_counter()
         with _cpu_threads(self.llm_config.cpu_threads, loaded.device), torch.inference_mode():
@@ -489,6 +497,7 @@ class VariantGenerator:
                 input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
             )
         new_tokens = output[:, prompt_length:]
+        self._deadline_reached |= interrupted.deadline_reached
         ended = torch.zeros(len(rows), dtype=torch.bool, device=new_tokens.device)
         for token_id in loaded.stop_token_ids:
             ended |= (new_tokens == token_id).any(dim=1)
@@ -547,11 +556,12 @@ class _Interrupted(StoppingCriteria):
         super().__init__()
         self.event = event
         self.deadline = deadline
+        self.deadline_reached = False
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        stop = self.event.is_set() or (
-            self.deadline is not None and time.perf_counter() >= self.deadline
-        )
+        late = self.deadline is not None and time.perf_counter() >= self.deadline
+        self.deadline_reached |= late
+        stop = self.event.is_set() or late
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
@@ -17,6 +18,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from adloop.streams.config import Settings
+
+log = logging.getLogger("adloop.kafka")
 
 
 @cache
@@ -55,7 +58,7 @@ def kafka_python_kwargs(cls: type, settings: Settings, **overrides: Any) -> dict
 async def fetched_end_offsets(
     client_kwargs: dict[str, Any],
     listed: Mapping[TopicPartition, int],
-    timeout_s: float = 10.0,
+    timeout_s: float = 30.0,
 ) -> dict[TopicPartition, int]:
     """``listed`` end offsets, raised to the high watermark a fetch reports.
 
@@ -64,7 +67,8 @@ async def fetched_end_offsets(
     record, while its fetch responses carry the right high watermark. Anything that
     compares a position with an end offset (Faust's changelog recovery) needs the
     right one, so fetch from the last listed offset and read the high watermark.
-    On Kafka the two agree and this changes nothing.
+    On Kafka the two agree and this changes nothing. A partition whose fetch did not
+    answer within ``timeout_s`` keeps its listed end (logged as a warning).
     """
     result = dict(listed)
     # Faust passes its own TP tuples; aiokafka wants its TopicPartition.
@@ -88,7 +92,29 @@ async def fetched_end_offsets(
                     result[key] = max(result[key], highwater)
     finally:
         await consumer.stop()
+    if pending:
+        log.warning(
+            "no fetch answered in time: listed end offsets kept",
+            extra={"partitions": sorted(str(tp) for tp in pending), "timeout_s": timeout_s},
+        )
     return result
+
+
+def partition_lags(consumer: Any) -> dict[TopicPartition, int]:
+    """Records behind the high watermark, per assigned partition with a known position.
+
+    aiokafka keeps positions and high watermarks in its subscription state; reading
+    them there is synchronous (``consumer.position()`` may block)."""
+    subscription = consumer._subscription.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return {}
+    lags = {}
+    for tp in assignment.tps:
+        state = assignment.state_value(tp)
+        if state.has_valid_position and state.highwater is not None:
+            lags[tp] = state.highwater - state.position
+    return lags
 
 
 class FetchWaitGovernor:
@@ -100,33 +126,30 @@ class FetchWaitGovernor:
     batches, ~50 ms at 30,000). With a short wait, a partition that grew past that
     point was answered empty forever while records waited behind it: the ingest
     stalled. This doubles the wait whenever a partition with a lag delivered nothing
-    for a few polls, and eases it back towards ``floor_ms`` when no partition lags.
-    On Kafka, which answers as soon as data is there, it never moves.
+    for ``patience`` polls in a row (up to ``ceiling_ms``), and eases it back towards
+    ``floor_ms`` (by 10 % a poll) when no partition lags. On Kafka, which answers as
+    soon as data is there, a lagging partition delivers on its next fetch and the
+    wait never moves.
+
+    ``lags`` returns the lag per partition after a poll (default: read from the
+    aiokafka consumer's subscription state, :func:`partition_lags`).
     """
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, floor_ms: int, ceiling_ms: int = 2000, patience: int = 3
+        self,
+        consumer: Any,
+        floor_ms: int,
+        ceiling_ms: int = 2000,
+        patience: int = 3,
+        lags: Callable[[], Mapping[Any, int]] | None = None,
     ) -> None:
         self.consumer = consumer
         self.floor_ms = floor_ms
         self.ceiling_ms = max(ceiling_ms, floor_ms)
         self.patience = patience
         self.wait_ms = floor_ms
-        self._starved: dict[TopicPartition, int] = {}
-
-    def _lags(self) -> dict[TopicPartition, int]:
-        # aiokafka keeps positions and high watermarks in its subscription state;
-        # reading them there is synchronous (consumer.position() may block).
-        subscription = self.consumer._subscription.subscription
-        assignment = subscription.assignment if subscription is not None else None
-        if assignment is None:
-            return {}
-        lags = {}
-        for tp in assignment.tps:
-            state = assignment.state_value(tp)
-            if state.has_valid_position and state.highwater is not None:
-                lags[tp] = state.highwater - state.position
-        return lags
+        self._lags = lags if lags is not None else (lambda: partition_lags(consumer))
+        self._starved: dict[Any, int] = {}
 
     def observe(self, records: Mapping[Any, Any]) -> None:
         """Call after each poll with what it returned."""
@@ -139,7 +162,8 @@ class FetchWaitGovernor:
             if not records.get(tp):
                 self._starved[tp] = self._starved.get(tp, 0) + 1
         if self._starved and max(self._starved.values()) >= self.patience:
-            self._set(min(self.wait_ms * 2, self.ceiling_ms))
+            # max(.., 1): a floor of 0 ms must still be able to grow.
+            self._set(min(max(self.wait_ms * 2, 1), self.ceiling_ms))
             self._starved.clear()
         elif not lagging and self.wait_ms > self.floor_ms:
             self._set(max(self.floor_ms, int(self.wait_ms * 0.9)))

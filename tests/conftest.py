@@ -10,10 +10,21 @@ from adloop.streams.broker import EmbeddedBroker
 from adloop.streams.config import Settings
 
 
+@pytest.fixture(autouse=True)
+def _no_adloop_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings() reads ADLOOP_* variables: a developer's shell (or a demo's) must not
+    change what the tests run. (Child processes get theirs from their Settings.)"""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"ADLOOP_{name.upper()}", raising=False)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     """One embedded Tansu broker for the whole test session (in-memory storage)."""
-    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker")) as started:
+    # A generous startup limit: a wait that ends as soon as the broker answers.
+    with EmbeddedBroker(
+        log_dir=tmp_path_factory.mktemp("broker"), startup_timeout_s=120
+    ) as started:
         yield started
 
 

@@ -1,4 +1,12 @@
-"""Test helpers: run adloop's real processes against the embedded broker."""
+"""Test helpers: run adloop's real processes against the embedded broker.
+
+Waiting: every wait here polls until its condition holds and fails only when it never
+does, after a generous limit (``WAIT_S``); none is a speed target (bench/ measures
+speed). To show that something did *not* happen, publish sentinels after the events
+under test and wait until they are processed (:meth:`Stack.settle`,
+:meth:`Stack.settled_dead_letters`): partitions are processed independently, so there
+is one sentinel per partition.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,11 @@ from adloop.streams.kafka_io import kafka_python_kwargs
 from adloop.streams.supervisor import Supervisor
 from adloop.streams.topics import ensure_topics_sync
 
+#: The limit of every wait for a condition (seconds).
+WAIT_S = 120.0
+#: The creative whose impressions and clicks are the sentinels of Stack.settle.
+SENTINEL = "zz-sentinel"
+
 
 class Stack:
     """ingest + worker + serve as child processes, plus clients for the test."""
@@ -30,10 +43,12 @@ class Stack:
             **kafka_python_kwargs(KafkaProducer, self.settings, acks="all", linger_ms=2)
         )
         self.api: HttpSelector | None = None
+        self._sentinels: dict[tuple[str, str], int] = {}
+        self._sentinel_rounds = 0
 
     def start(self) -> Stack:
         self.sup.start()
-        self.sup.wait_http_ready()
+        self.sup.wait_http_ready(timeout=WAIT_S)
         self.api = HttpSelector.local(self.settings)
         return self
 
@@ -46,12 +61,14 @@ class Stack:
         for creative in creatives:
             self.api.register(creative)
 
-    def publish(self, role: str, key: str | bytes | None, value: Any) -> None:
+    def publish(
+        self, role: str, key: str | bytes | None, value: Any, partition: int | None = None
+    ) -> None:
         if isinstance(value, dict):
             value = json.dumps(value).encode()
         if isinstance(key, str):
             key = key.encode()
-        self.producer.send(self.settings.topic(role), value=value, key=key)
+        self.producer.send(self.settings.topic(role), value=value, key=key, partition=partition)
 
     def flush(self) -> None:
         self.producer.flush()
@@ -73,7 +90,7 @@ class Stack:
     def wait_for(
         self,
         predicate: Callable[[], bool],
-        timeout: float = 60.0,
+        timeout: float = WAIT_S,
         what: str = "condition",
         state: Callable[[], object] | None = None,
     ) -> None:
@@ -85,11 +102,78 @@ class Stack:
             time.sleep(0.1)
         raise AssertionError(
             f"timed out waiting for {what}; state: {state() if state else '-'}"
-            f"\n--- ingest log ---\n{self.sup.tail('ingest')}"
-            f"\n--- worker log ---\n{self.sup.tail('worker')}"
+            f"\n--- ingest log ---\n{self.sup.tail('ingest', 60)}"
+            f"\n--- worker log ---\n{self.sup.tail('worker', 60)}"
         )
 
-    def dead_letters(self, expected: int, timeout: float = 30.0) -> list[dict]:
+    def settle(self, campaign: str, audiences: list[str]) -> None:
+        """Return once every event published so far to the impressions and clicks
+        topics is reflected in these audiences' decisions.
+
+        Publishes, per audience and per partition, one impression of the ``SENTINEL``
+        creative and its click, and waits until the decisions count all of them. Each
+        source partition is read in order and its counts are cumulative, so when a
+        partition's sentinel is counted, so is everything published before it there.
+        The sentinel creative is registered on first use; callers leave it out of
+        their expectations (``without_sentinel``).
+        """
+        if not any(c == campaign for c, _ in self._sentinels):
+            self.register(Creative(creative_id=SENTINEL, campaign=campaign, headline="Sentinel"))
+        self._sentinel_rounds += 1
+        for audience in audiences:
+            for p in range(self.settings.partitions):
+                iid = f"{SENTINEL}-{self._sentinel_rounds}-{audience}-{p}"
+                value = imp(iid, SENTINEL, audience, campaign)
+                self.publish("impressions", iid, value, partition=p)
+                self.publish("clicks", iid, click(iid), partition=p)
+            self._sentinels[(campaign, audience)] = (
+                self._sentinels.get((campaign, audience), 0) + self.settings.partitions
+            )
+        self.flush()
+
+        def counted() -> dict[str, tuple[int, int] | None]:
+            return {a: self.counts(campaign, a).get(SENTINEL) for a in audiences}
+
+        want = {a: (self._sentinels[(campaign, a)],) * 2 for a in audiences}
+        self.wait_for(lambda: counted() == want, what="sentinels counted", state=counted)
+
+    def without_sentinel(self, campaign: str, audience: str) -> dict[str, tuple[int, int]]:
+        return {c: n for c, n in self.counts(campaign, audience).items() if c != SENTINEL}
+
+    def settled_dead_letters(self) -> list[dict]:
+        """Every dead letter of the events published so far (none still to come).
+
+        Publishes one malformed impression per partition and reads the dead-letter
+        topic until all of their letters are there: the ingest reads each partition in
+        order and publishes a flush's dead letters before it moves on, so any letter
+        for an earlier event is there too. Returns the others.
+        """
+        self._sentinel_rounds += 1
+        originals = set()
+        for p in range(self.settings.partitions):
+            original = f"{SENTINEL} {self._sentinel_rounds}-{p}: not JSON".encode()
+            originals.add(original)
+            self.publish("impressions", f"{SENTINEL}-{p}", original, partition=p)
+        self.flush()
+        letters = self.dead_letters(
+            until=lambda read: originals <= {letter["original"] for letter in read}
+        )
+        missing = originals - {letter["original"] for letter in letters}
+        assert not missing, f"sentinel dead letters missing after {WAIT_S:.0f} s: {missing}"
+        mine = SENTINEL.encode()
+        return [letter for letter in letters if not letter["original"].startswith(mine)]
+
+    def dead_letters(
+        self,
+        expected: int | None = None,
+        timeout: float = WAIT_S,
+        until: Callable[[list[dict]], bool] | None = None,
+    ) -> list[dict]:
+        """The dead-letter topic from the start, read until ``expected`` letters (or
+        ``until(letters)``) and then until it is quiet; what is there after
+        ``timeout`` otherwise."""
+        if until is None:
+            until = lambda read: len(read) >= (expected or 0)  # noqa: E731
         consumer = KafkaConsumer(
             **kafka_python_kwargs(
                 KafkaConsumer, self.settings, auto_offset_reset="earliest", consumer_timeout_ms=500
@@ -101,11 +185,15 @@ class Stack:
         consumer.seek_to_beginning(*tps)
         letters: list[dict] = []
         deadline = time.monotonic() + timeout
-        while len(letters) < expected and time.monotonic() < deadline:
-            for record in consumer:
+        done = False
+        while time.monotonic() < deadline:
+            for record in consumer:  # until 500 ms without a record
                 letter = json.loads(record.value)
                 letter["original"] = base64.b64decode(letter["original_b64"])
                 letters.append(letter)
+            if done:
+                break
+            done = until(letters)  # then one more read, to the quiet end
         consumer.close()
         return letters
 

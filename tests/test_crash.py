@@ -8,20 +8,31 @@ letters (e.g. 'duplicate_impression_id' for an impression seen before the crash)
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from adloop.schemas import Creative
 from adloop.streams.config import Settings
 
-from stack import Stack, click, imp
+from stack import WAIT_S, Stack, click, imp
 
 pytestmark = pytest.mark.integration
 
 CREATIVES = ["c1", "c2", "c3"]
 AUDIENCES = ["a1", "a2", "a3", "a4"]
 EVENTS = 20_000
+
+
+#: Kill points, by progress of the stream, not by the clock: the producer publishes
+#: up to ``published`` events, and once the decisions count ``counted`` impressions
+#: (some of the published ones still in flight) the roles are killed and restarted;
+#: then the stream goes on. Every kill lands mid-stream, on any machine.
+KILLS = [
+    (4_000, 3_000, ("ingest",)),
+    (8_000, 7_000, ("worker",)),
+    (12_000, 11_000, ("ingest",)),
+    (16_000, 15_000, ("ingest", "worker")),
+]
 
 
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Settings) -> None:
@@ -33,11 +44,21 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
         expected: dict[str, dict[str, list[int]]] = {
             a: {c: [0, 0] for c in CREATIVES} for a in AUDIENCES
         }
+        for i in range(EVENTS):
+            creative, audience = CREATIVES[i % 3], AUDIENCES[(i // 3) % 4]
+            expected[audience][creative][0] += 1
+            if i % 7 == 0:
+                expected[audience][creative][1] += 1
+        go = [threading.Event() for _ in KILLS]
         published = threading.Event()
 
         def produce() -> None:
-            started = time.monotonic()
+            phase = 0
             for i in range(EVENTS):
+                if phase < len(KILLS) and i == KILLS[phase][0]:
+                    stack.flush()
+                    go[phase].wait()
+                    phase += 1
                 creative, audience = CREATIVES[i % 3], AUDIENCES[(i // 3) % 4]
                 impression_id = f"e{i}"
                 stack.publish(
@@ -45,47 +66,41 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
                     impression_id,
                     imp(impression_id, creative, audience, campaign="k"),
                 )
-                expected[audience][creative][0] += 1
                 if i % 7 == 0:
                     stack.publish("clicks", impression_id, click(impression_id))
-                    expected[audience][creative][1] += 1
-                # ~4,000 impressions/s, so the kills below land mid-stream.
-                ahead = i / 4000 - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
             stack.flush()
             published.set()
 
+        def counts() -> dict[str, dict[str, tuple[int, int]]]:
+            return {a: stack.without_sentinel("k", a) for a in AUDIENCES}
+
+        def counted() -> int:
+            return sum(n for by_c in counts().values() for n, _ in by_c.values())
+
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
-        kills = [
-            (1.0, ("ingest",)),
-            (2.0, ("worker",)),
-            (3.0, ("ingest",)),
-            (4.0, ("ingest", "worker")),
-        ]
-        started = time.monotonic()
-        for at, roles in kills:
-            time.sleep(max(0.0, started + at - time.monotonic()))
-            for role in roles:
-                stack.sup.kill(role)
-            time.sleep(0.2)
-            for role in roles:
-                stack.sup.start(role)
-        producer.join(timeout=60)
+        try:
+            for phase, (_, at, roles) in enumerate(KILLS):
+                stack.wait_for(
+                    lambda at=at: counted() >= at, what=f"{at:,} impressions counted", state=counted
+                )
+                for role in roles:
+                    stack.sup.kill(role)  # returns once the process is gone
+                for role in roles:
+                    stack.sup.start(role)
+                go[phase].set()
+        finally:
+            for event in go:
+                event.set()
+        producer.join(timeout=WAIT_S)
         assert published.is_set()
 
         want = {a: {c: tuple(v) for c, v in by_c.items()} for a, by_c in expected.items()}
-
-        def counts() -> dict[str, dict[str, tuple[int, int]]]:
-            return {a: stack.counts("k", a) for a in AUDIENCES}
-
-        stack.wait_for(
-            lambda: counts() == want, timeout=120, what="exact counts after crashes", state=counts
-        )
-        # Still exact a moment later (no late duplicates), and no dead letters at all.
-        time.sleep(2.0)
+        stack.wait_for(lambda: counts() == want, what="exact counts after crashes", state=counts)
+        # Still exact once sentinels published after every event are counted (no late
+        # duplicates), and no dead letter at all.
+        stack.settle("k", AUDIENCES)
         assert counts() == want
-        assert stack.dead_letters(expected=0, timeout=1.0) == []
+        assert stack.settled_dead_letters() == []
     finally:
         stack.stop()

@@ -435,12 +435,12 @@ def test_kafka_log_reads_the_topics_to_the_end(settings: Settings) -> None:
             send("clicks", iid, {"impression_id": iid, "timestamp": t0 + i + 1})
     producer.flush()
     producer.close()
-    result = read_kafka_log(settings, timeout_s=60)
+    result = read_kafka_log(settings, timeout_s=120)
     assert len(result) == 200 and int(result.clicked.sum()) == 20
     assert result.keys == [RowKey("c", "cr1", "students", "feed", "Sale", "")]
     # A bounded read: the latest ~80 impressions (20 per partition; the embedded
     # broker's understated end can add a few), with their clicks.
-    recent = read_kafka_log(settings, timeout_s=60, recent=80)
+    recent = read_kafka_log(settings, timeout_s=120, recent=80)
     assert 80 <= len(recent) < 120
     assert recent.timestamps.mean() > result.timestamps.mean() + 40
     assert int(recent.clicked.sum()) == sum(1 for t in recent.timestamps if int(t - t0) % 10 == 0)

@@ -75,6 +75,17 @@ def _rows(stack: Stack) -> dict[str, dict]:
     return {r["creative_id"]: r for r in decision["creatives"]} if decision else {}
 
 
+def _wait_counted(stack: Stack, impressions: dict[str, int], clicks: dict[str, int]) -> None:
+    """Until the decision counts exactly these impressions and clicks per creative
+    (a click is counted after its impression, maybe in a later snapshot)."""
+    want = {c: (impressions[c], clicks[c]) for c in impressions}
+
+    def counted() -> dict[str, tuple[int, int]]:
+        return {c: (r["impressions"], r["clicks"]) for c, r in _rows(stack).items()}
+
+    stack.wait_for(lambda: counted() == want, what=f"counts {want}", state=counted)
+
+
 @pytest.fixture
 def make_stack(settings: Settings) -> Iterator:
     stacks: list[Stack] = []
@@ -97,13 +108,8 @@ def test_labels_verdicts_and_a_detected_drop_reach_the_decisions(make_stack) -> 
     stack = make_stack(min_evidence=500)
     # Phase 1: c1 clearly better.
     clicks = _publish(stack, 0, 6000, {"c1": 0.10, "c2": 0.03}, seed=1)
-    stack.wait_for(
-        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 6000,
-        what="6,000 impressions counted",
-        state=lambda: _rows(stack),
-    )
+    _wait_counted(stack, {"c1": 3000, "c2": 3000}, clicks)
     rows = _rows(stack)
-    assert (rows["c1"]["clicks"], rows["c2"]["clicks"]) == (clicks["c1"], clicks["c2"])
     assert rows["c1"]["label"] == "best" and rows["c2"]["label"] == "low"
     assert rows["c2"]["underperforming"]
     assert rows["c2"]["reasons"][0].startswith("P(within 10% of best) = ")
@@ -112,12 +118,8 @@ def test_labels_verdicts_and_a_detected_drop_reach_the_decisions(make_stack) -> 
     assert rows["c1"]["traffic_share"] == pytest.approx(0.5)
     assert rows["c1"]["p_best"] > 0.99
     # Phase 2: c1 wears out (10 % -> 1 %); the change detector cuts its history.
-    _publish(stack, 6000, 8000, {"c1": 0.01, "c2": 0.03}, seed=2)
-    stack.wait_for(
-        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 14000,
-        what="14,000 impressions counted",
-        state=lambda: _rows(stack),
-    )
+    more = _publish(stack, 6000, 8000, {"c1": 0.01, "c2": 0.03}, seed=2)
+    _wait_counted(stack, {"c1": 7000, "c2": 7000}, {c: clicks[c] + more[c] for c in clicks})
     rows = _rows(stack)
     assert any(reason.startswith("CTR dropped from") for reason in rows["c1"]["reasons"]), rows
     assert rows["c1"]["label"] != "best" and rows["c2"]["label"] == "best"
@@ -130,11 +132,8 @@ def test_labels_verdicts_and_a_detected_drop_reach_the_decisions(make_stack) -> 
 
 def test_the_policy_is_configuration(make_stack) -> None:
     stack = make_stack(policy="kl_ucb", min_learning_share=0.0, exploration_floor=0.02)
-    _publish(stack, 0, 2000, {"c1": 0.08, "c2": 0.02}, seed=3)
-    stack.wait_for(
-        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 2000,
-        what="2,000 impressions counted",
-    )
+    clicks = _publish(stack, 0, 2000, {"c1": 0.08, "c2": 0.02}, seed=3)
+    _wait_counted(stack, {"c1": 1000, "c2": 1000}, clicks)
     decision = stack.decision("spring", "students")
     assert decision["policy"] == "kl_ucb"
     probabilities = {r["creative_id"]: r["serving_probability"] for r in decision["creatives"]}
@@ -145,11 +144,8 @@ def test_the_policy_is_configuration(make_stack) -> None:
 def test_contextual_policy_serves_by_placement(make_stack) -> None:
     stack = make_stack(policy="contextual")
     rates = {"feed": {"c1": 0.15, "c2": 0.02}, "story": {"c1": 0.02, "c2": 0.15}}
-    _publish(stack, 0, 4000, {"c1": 0.0, "c2": 0.0}, seed=4, placements=rates)
-    stack.wait_for(
-        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 4000,
-        what="4,000 impressions counted",
-    )
+    clicks = _publish(stack, 0, 4000, {"c1": 0.0, "c2": 0.0}, seed=4, placements=rates)
+    _wait_counted(stack, {"c1": 2000, "c2": 2000}, clicks)
     decision = stack.decision("spring", "students")
     assert decision["policy"] == "contextual"
     assert decision["placements"]["feed"]["c1"] > 0.9

@@ -4,8 +4,8 @@ and one run of the real SmolLM2 GGUF."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -518,13 +518,35 @@ def test_real_smollm2_gguf_generates_screened_variants(monkeypatch: pytest.Monke
     [again] = generator.generate([request])
     assert (again.variants, again.rejections) == (outcome.variants, outcome.rejections)
 
-    # A time limit cuts sampling short: an answer with what exists by then, not a failure.
-    started = time.perf_counter()
-    [cut] = generator.generate([request], time_limit_s=0.5)
-    assert time.perf_counter() - started < 5.0 and cut.rounds <= 1
+    assert not outcome.deadline_reached and not again.deadline_reached
+
+    # A time limit cuts sampling short: an answer with what exists by then, not a
+    # failure. The generator's clock is replaced by one that runs out after a few
+    # tokens, so the limit falls mid-sampling on any machine.
+    import adloop.generator.llm as llm
+
+    clock = CountingClock(runs_out_after=8)  # start, round check, batch start, 5 tokens
+    with monkeypatch.context() as patched:
+        patched.setattr(llm, "time", SimpleNamespace(perf_counter=clock))
+        [cut] = generator.generate([request], time_limit_s=100.0)
+    assert cut.deadline_reached
+    assert (cut.rounds, cut.sequences) == (1, 3)  # every answer there, each cut short
+    assert cut.parsed < outcome.parsed and cut.variants == []
     [none] = generator.generate([request], time_limit_s=0.0)
-    assert none.rounds == 0 and none.variants == []
+    assert none.deadline_reached and none.rounds == 0 and none.variants == []
     load_model.cache_clear()
+
+
+class CountingClock:
+    """A ``perf_counter`` at 0 s for its first ``runs_out_after`` calls, then at 10⁹ s."""
+
+    def __init__(self, runs_out_after: int) -> None:
+        self.calls = 0
+        self.runs_out_after = runs_out_after
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return 0.0 if self.calls <= self.runs_out_after else 1e9
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from msgspec import structs
 
 from adloop.schemas import Brief, ExampleCreative, GenerationRequest
 from adloop.streams.config import Settings
@@ -63,6 +64,7 @@ def wait(predicate, sup: Supervisor, timeout: float, what: str):  # type: ignore
     raise AssertionError(f"timed out waiting for {what}\n{sup.tail('generator')}")
 
 
+@pytest.mark.timeout(1200)
 def test_request_in_scored_candidates_out_idempotent_and_dead_letters(generator) -> None:
     settings, producer, sup = generator
     request = GenerationRequest(
@@ -82,7 +84,7 @@ def test_request_in_scored_candidates_out_idempotent_and_dead_letters(generator)
     producer.send(topic, key=b"req-1", value=msgspec.json.encode(request))
     producer.send(topic, key=b"bad", value=b'{"request_id": "bad", "brief": 3}')
     producer.flush()
-    results = wait(lambda: read_all(settings, "generation_results"), sup, 240, "a result")
+    results = wait(lambda: read_all(settings, "generation_results"), sup, 480, "a result")
     assert len(results) == 1
     result = results[0][1]
     assert result["request_id"] == "req-1" and result["status"] == "ok", result
@@ -97,14 +99,31 @@ def test_request_in_scored_candidates_out_idempotent_and_dead_letters(generator)
         assert lineage["request_id"] == "req-1" and lineage["trigger"].startswith("creative c2")
         assert lineage["prompt_version"] and lineage["llm_model"] and lineage["ctr_model_version"]
         assert len(c["headline"]) <= 30
-    letters = wait(lambda: read_all(settings, "dead_letter"), sup, 30, "a dead letter")
+    letters = wait(lambda: read_all(settings, "dead_letter"), sup, 120, "a dead letter")
     assert letters[0][1]["reason_code"] == "invalid_request"
-    # Redelivered: answered already, so no new creatives and no second result.
-    producer.send(topic, key=b"req-1", value=msgspec.json.encode(request))
+    # Redelivered: answered already, so no new creatives and no second result. A
+    # sentinel request behind it in its partition is answered after it is handled.
+    sent = producer.send(topic, key=b"req-1", value=msgspec.json.encode(request)).get(120)
+    sentinel = structs.replace(request, request_id="req-sentinel", n_variants=1)
+    producer.send(
+        topic, key=b"req-sentinel", value=msgspec.json.encode(sentinel), partition=sent.partition
+    )
     producer.flush()
-    time.sleep(5)
-    assert len(read_all(settings, "generation_results")) == 1
-    assert len(read_all(settings, "creatives")) == len(creatives)
+
+    def answered() -> list[dict]:
+        return [v for _, v in read_all(settings, "generation_results")]
+
+    wait(
+        lambda: any(r["request_id"] == "req-sentinel" for r in answered()),
+        sup,
+        480,
+        "the sentinel request answered",
+    )
+    assert sorted(r["request_id"] for r in answered()) == ["req-1", "req-sentinel"]
+    again = [v for _, v in read_all(settings, "creatives")]
+    assert sorted(c["creative_id"] for c in again if c["lineage"]["request_id"] == "req-1") == (
+        sorted(creatives)
+    )
 
 
 def test_a_model_that_cannot_load_fails_requests_clearly(settings: Settings) -> None:
@@ -124,7 +143,7 @@ def test_a_model_that_cannot_load_fails_requests_clearly(settings: Settings) -> 
         )
         producer.flush()
         results = wait(lambda: read_all(s, "generation_results"), sup, 120, "a failed result")
-        letters = wait(lambda: read_all(s, "dead_letter"), sup, 30, "a dead letter")
+        letters = wait(lambda: read_all(s, "dead_letter"), sup, 120, "a dead letter")
     producer.close()
     result = results[0][1]
     assert result["status"] == "failed" and "nonexistent" in result["error"]

@@ -45,7 +45,7 @@ def stack(settings: Settings) -> Iterator[Stack]:
         s.stop()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack) -> None:
     stack.register(
         Creative(creative_id="c1", campaign="shoes", headline="Fast shoes, 30% off"),
@@ -99,7 +99,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
 
     stack.wait_for(
         lambda: bool(review()),
-        timeout=240,
+        timeout=400,
         what="candidates in the review queue",
         state=lambda: call(stack, "GET", "/v1/campaigns/shoes/audit")[1],
     )
@@ -127,14 +127,13 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
             c["creative_id"] == "c2" and "students" in c["retired_audiences"] for c in creatives
         )
 
-    stack.wait_for(c2_retired, timeout=60, what="c2 retired in students")
+    stack.wait_for(c2_retired, what="c2 retired in students")
     seen: set[str] = set()
     stack.wait_for(
         lambda: (
             seen.update(stack.api("shoes", "students", "feed")["creative_id"] for _ in range(50))
             or chosen["creative_id"] in seen
         ),
-        timeout=30,
         what="the generated creative served",
     )
     assert "c2" not in {stack.api("shoes", "students", "feed")["creative_id"] for _ in range(200)}
@@ -170,5 +169,7 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     assert asyncio.run(controller.retrain()) == 0
     models = stack.settings.models_path
     cards = [json.loads(p.read_text()) for p in (models / "ctr").glob("*/model_card.json")]
-    assert cards and cards[-1]["data"]["impressions"] >= 1200, cards
-    assert CtrScorer.load(models).version == cards[-1]["version"]
+    assert cards, "no CTR model trained"
+    newest = max(cards, key=lambda card: card["version"])  # versions start with their time
+    assert newest["data"]["impressions"] >= 1200, cards
+    assert CtrScorer.load(models).version == newest["version"]

@@ -26,7 +26,10 @@ WINDOW = 600.0
 
 @pytest.fixture
 def stack(settings: Settings) -> Iterator[Stack]:
-    s = Stack(settings.with_overrides(attribution_window_s=WINDOW, click_wait_s=2.0)).start()
+    # A parked click waits click_wait_s of wall time once its impressions partition is
+    # caught up: long enough that the test's own steps never outlast it (i7 below),
+    # short enough that the ghost click's dead letter comes within the test's waits.
+    s = Stack(settings.with_overrides(attribution_window_s=WINDOW, click_wait_s=30.0)).start()
     s.register(
         Creative(creative_id="c1", campaign="spring", headline="Spring sale: 30% off"),
         Creative(creative_id="c2", campaign="spring", headline="Free shipping today"),
@@ -47,9 +50,14 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
         stack.publish(role, key, value)
         expected_dead[code] += 1
 
-    # A click that overtakes its impression: parked, then joined when it arrives.
+    # A click that overtakes its impression: parked, then joined when it arrives. A
+    # bad click behind it in the same partition (same key): once its dead letter is
+    # out, the ingest has read (and parked) the click.
     stack.publish("clicks", "i7", click("i7"))
+    bad("clicks", "i7", b"[]", "wrong_type")
     stack.flush()
+    parked = stack.dead_letters(until=lambda read: any(x["original"] == b"[]" for x in read))
+    assert [x["reason_code"] for x in parked] == ["wrong_type"]
     # Valid traffic.
     for i, (creative, audience) in enumerate(
         [
@@ -71,7 +79,6 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
         "i6",
         {"schema_version": 1, "impression_id": "i6", "timestamp": T0 + 30, "value": 12.5},
     )
-    time.sleep(0.5)
     stack.publish("impressions", "i7", imp("i7", "c2", "parents"))
 
     # A creative registered a moment ago is known by the time its impression counts.
@@ -135,7 +142,9 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
         what="exact counts",
         state=lambda: (stack.counts("spring", "students"), stack.counts("spring", "parents")),
     )
-    letters = stack.dead_letters(expected=sum(expected_dead.values()))
+    # The ghost click's letter comes once its wait is over; then no other is to come.
+    stack.dead_letters(expected=sum(expected_dead.values()))
+    letters = stack.settled_dead_letters()
     assert Counter(letter["reason_code"] for letter in letters) == expected_dead
     for letter in letters:
         assert letter["reason"], letter
@@ -151,10 +160,6 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     c2 = next(r for r in parents["creatives"] if r["creative_id"] == "c2")
     assert c2["conversions"] == 1
 
-    # Nothing changed after the dead letters: the counts stay exact.
-    time.sleep(1.0)
-    assert stack.counts("spring", "students") == expected_students
-
     # Serving answers.
     status, best = stack.get("/v1/campaigns/spring/audiences/parents/best")
     assert status == 200
@@ -167,6 +172,12 @@ def test_scripted_stream_counts_exactly_and_dead_letters_every_bad_event(stack: 
     status, body = stack.get("/v1/campaigns/spring/audiences/retirees/best")
     assert (status, body["error"]) == (404, "unknown_audience")
     assert "students" in body["message"]
+
+    # Nothing changed after the dead letters: once sentinels published after every
+    # event are counted, the counts are still exact.
+    stack.settle("spring", ["students", "parents"])
+    assert stack.without_sentinel("spring", "students") == expected_students
+    assert stack.without_sentinel("spring", "parents") == expected_parents
 
 
 def test_select_serves_registered_creatives_with_propensities(stack: Stack) -> None:
@@ -187,13 +198,11 @@ def test_select_serves_registered_creatives_with_propensities(stack: Stack) -> N
     assert json.loads(response.read())["error"] == "invalid_request"
 
 
-def test_a_click_reaches_the_decision_fast(stack: Stack) -> None:
+def test_a_click_after_its_impression_reaches_the_decision(stack: Stack) -> None:
+    # How fast is measured by `adloop bench spine` (click -> decision over HTTP).
     stack.publish("impressions", "f1", imp("f1", "c1", "parents"))
     stack.flush()
     stack.wait_for(lambda: stack.counts("spring", "parents").get("c1") == (1, 0))
-    started = time.monotonic()
     stack.publish("clicks", "f1", click("f1"))
     stack.flush()
-    stack.wait_for(lambda: stack.counts("spring", "parents").get("c1") == (1, 1), timeout=10)
-    # Generous bound for a loaded CI machine; bench/ measures the real latency.
-    assert time.monotonic() - started < 5.0
+    stack.wait_for(lambda: stack.counts("spring", "parents").get("c1") == (1, 1))

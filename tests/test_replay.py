@@ -355,6 +355,7 @@ def test_obd_ope_on_obd_shaped_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)
 def test_replay_round_trip_verifies_counts(settings: Settings, tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     rows = [
@@ -369,7 +370,10 @@ def test_replay_round_trip_verifies_counts(settings: Settings, tmp_path: Path) -
     ]
     records, problems = read_log(write_jsonl(tmp_path / "log.jsonl", rows))
     assert not problems
-    options = ReplayOptions(rate=None, click_delay_s=0.2, settle_timeout_s=90)
+    # Generous limits: each ends as soon as its condition holds.
+    options = ReplayOptions(
+        rate=None, click_delay_s=0.2, settle_timeout_s=300, stall_timeout_s=120, http_timeout_s=120
+    )
     report = run_replay(records, options, settings=settings, log_name="log.jsonl")
     assert report.impressions_published == 2_000
     assert report.n_differences == 0, report.differences
