@@ -62,7 +62,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker": ";".join(f"{scheme}://{h}" for h in settings.bootstrap_servers.split(",")),
         "store": "rocksdb://",
-        "datadir": str(settings.data_dir / "worker"),
+        "datadir": str(settings.state_dir("worker")),
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "consumer_auto_offset_reset": "earliest",
