@@ -132,6 +132,15 @@ def _run(stack: Stack) -> None:
     ingest_1 = set(assigned(stack, "ingest-1") or [])
 
     expected = {a: {c: [0, 0] for c in CREATIVES} for a in auds}
+    # Warm-up: one impression per audience, counted, so both workers are deciding (their
+    # keys) before the stream starts and "counted" below follows it closely.
+    for audience in auds:
+        stack.publish(
+            "impressions", f"w-{audience}", imp(f"w-{audience}", "c1", audience, campaign=CAMPAIGN)
+        )
+        expected[audience]["c1"][0] += 1
+    stack.flush()
+    until(lambda: counted() == len(auds), "the warm-up counted")
     gates = [threading.Event() for _ in range(PHASES)]
     done = threading.Event()
     failures: list[BaseException] = []
