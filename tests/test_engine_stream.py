@@ -75,6 +75,10 @@ def _rows(stack: Stack) -> dict[str, dict]:
     return {r["creative_id"]: r for r in decision["creatives"]} if decision else {}
 
 
+def _counts(stack: Stack) -> dict[str, tuple[int, int]]:
+    return {c: (r["impressions"], r["clicks"]) for c, r in _rows(stack).items()}
+
+
 @pytest.fixture
 def make_stack(settings: Settings) -> Iterator:
     stacks: list[Stack] = []
@@ -97,9 +101,10 @@ def test_labels_verdicts_and_a_detected_drop_reach_the_decisions(make_stack) -> 
     stack = make_stack(min_evidence=500)
     # Phase 1: c1 clearly better.
     clicks = _publish(stack, 0, 6000, {"c1": 0.10, "c2": 0.03}, seed=1)
+    # Clicks too: a snapshot can hold every impression before the last clicks are in.
     stack.wait_for(
-        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 6000,
-        what="6,000 impressions counted",
+        lambda: _counts(stack) == {"c1": (3000, clicks["c1"]), "c2": (3000, clicks["c2"])},
+        what="6,000 impressions and their clicks counted",
         state=lambda: _rows(stack),
     )
     rows = _rows(stack)
@@ -112,10 +117,11 @@ def test_labels_verdicts_and_a_detected_drop_reach_the_decisions(make_stack) -> 
     assert rows["c1"]["traffic_share"] == pytest.approx(0.5)
     assert rows["c1"]["p_best"] > 0.99
     # Phase 2: c1 wears out (10 % -> 1 %); the change detector cuts its history.
-    _publish(stack, 6000, 8000, {"c1": 0.01, "c2": 0.03}, seed=2)
+    more = _publish(stack, 6000, 8000, {"c1": 0.01, "c2": 0.03}, seed=2)
+    total = {c: (7000, clicks[c] + more[c]) for c in ("c1", "c2")}
     stack.wait_for(
-        lambda: sum(r["impressions"] for r in _rows(stack).values()) == 14000,
-        what="14,000 impressions counted",
+        lambda: _counts(stack) == total,
+        what="14,000 impressions and their clicks counted",
         state=lambda: _rows(stack),
     )
     rows = _rows(stack)
