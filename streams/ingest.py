@@ -387,6 +387,7 @@ class Ingest:
         self._follower: Follower[Creative] | None = None
         self._stopping = asyncio.Event()
         self.flush_lock = asyncio.Lock()
+        self._commit_failed = False
         # Impressions naming a creative this process has not seen yet: it may have
         # been registered a moment ago, so they wait for a registry sync.
         self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Impression, float]] = []
@@ -473,7 +474,8 @@ class Ingest:
     async def stop(self) -> None:
         self._stopping.set()
         try:
-            if self._producer is not None and self._consumer is not None:
+            clients = self._producer is not None and self._consumer is not None
+            if clients and not self._commit_failed:
                 await self.flush(force=True)
         finally:
             if self._consumer is not None:
@@ -737,7 +739,11 @@ class Ingest:
         # Outputs and state changes acknowledged, then the checkpoints, then the local
         # store: see streams/changelog.py for why that order is atomic on replay.
         assert self.changelog is not None
+        # A commit that fails half-way leaves the state objects past what was committed
+        # (their batches were built): no second flush from them, the process restarts.
+        self._commit_failed = True
         await self.changelog.commit(futures, batches)
+        self._commit_failed = False
         for p in batches:
             self.states[p].committed()
         self._pending_offsets.clear()
