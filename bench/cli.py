@@ -162,6 +162,31 @@ def bench_spine(events: int, broker: str | None, out: Path) -> None:
     run(events, broker, out)
 
 
+@bench.command("changelog")
+@click.option("--impressions", type=int, default=200_000, show_default=True)
+@click.option("--flush-events", type=int, default=2_000, show_default=True, help="per flush")
+@click.option("--broker", help="kafka://host:port (default: embedded)")
+@out_option
+def bench_changelog(impressions: int, flush_events: int, broker: str | None, out: Path) -> None:
+    """The ingest changelog: flush cost with and without it, a partition's restore time."""
+    configure_logging("WARNING")
+    from adloop.bench.changelog import main
+
+    r = main(impressions, flush_events, broker, out)
+    local, logged, full = r["local_only"], r["with_changelog"], r["restore_full"]
+    click.echo(
+        f"{impressions:,} impressions in flushes of {flush_events:,} (5 % clicked), one partition\n"
+        f"  local store only: {local['events_per_s']:,.0f} events/s, "
+        f"{local['cpu_us_per_event']:.1f} CPU us/event\n"
+        f"  with changelog:   {logged['events_per_s']:,.0f} events/s, "
+        f"{logged['cpu_us_per_event']:.1f} CPU us/event\n"
+        f"  restore into an empty store: {full['records']:,} records in {full['seconds']:.2f} s "
+        f"({full['records_per_s']:,.0f} records/s)\n"
+        f"  restart of the writer (store current): {r['restore_current']['seconds']:.2f} s\n"
+        f"written to {out / 'changelog.json'}"
+    )
+
+
 @bench.command("bandits")
 @click.option(
     "--impressions",

@@ -170,7 +170,14 @@ def generator_(**flags: Any) -> None:
     show_default=True,
     help="also run the loop controller and the generator (loads the LLM and CTR model)",
 )
-def up(loop: bool, **flags: Any) -> None:
+@click.option(
+    "--instances",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="processes each of ingest, worker and serve (serving instance n on API port + n - 1)",
+)
+def up(loop: bool, instances: int, **flags: Any) -> None:
     """Start everything: broker (embedded unless configured), ingest, worker, serving API,
     loop controller and generator."""
     settings = load(**flags)
@@ -178,8 +185,9 @@ def up(loop: bool, **flags: Any) -> None:
     import time
 
     from adloop.streams.supervisor import LOOP_ROLES, ROLES, Supervisor
+    from adloop.streams.supervisor import instances as scaled
 
-    roles = ROLES + LOOP_ROLES if loop else ROLES
+    roles = scaled(ROLES, instances) + (LOOP_ROLES if loop else ())
     with broker_with_topics(settings) as live, Supervisor(live, roles=roles) as sup:
         sup.wait_http_ready()
         click.echo(

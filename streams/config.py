@@ -318,6 +318,14 @@ class Settings(
 
     model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
 
+    # One of several processes of a role (the supervisor runs e.g. ingest-1 and ingest-2,
+    # README "Scaling out"): its own state directories; "" = the only one.
+    instance: str = Field(default="", pattern=r"^[0-9A-Za-z_]*$")
+
+    def state_dir(self, role: str) -> Path:
+        """Where this process of ``role`` keeps its local state (RocksDB stores)."""
+        return self.data_dir / (f"{role}-{self.instance}" if self.instance else role)
+
     @property
     def tokens_path(self) -> Path:
         return self.tokens_file or self.data_dir / "tokens.json"

@@ -286,8 +286,8 @@ def train_ctr_setup(
     import click
     from pydantic import ValidationError
 
+    from adloop.log_setup import configure_logging
     from adloop.streams.config import load_settings
-    from adloop.streams.log_setup import configure_logging
 
     configure_logging(log_level)
     try:

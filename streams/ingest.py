@@ -14,6 +14,9 @@ Exactness across crashes (at-least-once delivery, SIGKILL at any point):
   atomic ``WriteBatch`` together with the input offsets it reflects. On
   (re)assignment the consumer seeks to those offsets, never to Kafka's
   committed offsets, so every event is applied to the state exactly once.
+  The store is replicated to a compacted changelog topic with the same
+  all-or-nothing rule on replay, so a partition can move to another instance
+  (``streams/changelog.py``).
 * Outputs are flushed (acknowledged by the broker) *before* the checkpoint. A
   crash in between re-emits them after restart; because snapshots are
   cumulative and the posterior agent keeps the latest per source partition,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gc
 import logging
 import time
@@ -42,7 +46,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict
 
 from adloop.schemas import (
     Click,
@@ -59,6 +63,7 @@ from adloop.schemas import (
 from adloop.schemas.privacy import is_safe_token
 from adloop.streams import metrics
 from adloop.streams.broker import install_shutdown_signals
+from adloop.streams.changelog import ChangeBatch, IngestChangelog
 from adloop.streams.config import Settings
 from adloop.streams.follower import Follower
 from adloop.streams.join import (
@@ -351,7 +356,7 @@ class PartitionState:
             for key in self._dirty_counts
         ]
 
-    def _sweep(self, batch: WriteBatch, through: int) -> None:
+    def _sweep(self, batch: ChangeBatch, through: int) -> None:
         """Delete the impressions of expiry buckets <= ``through``, and their index."""
         start = _pkey(b"x", self.partition)
         stop = _pkey(b"x", self.partition, (through + 1).to_bytes(8, "big"))
@@ -362,8 +367,9 @@ class PartitionState:
                 batch.delete(self._imp_prefix + raw_id)
             batch.delete(key)
 
-    def write_batch(self, offsets: dict[str, int]) -> WriteBatch:
-        batch = WriteBatch(raw_mode=True)
+    def write_batch(self, offsets: dict[str, int]) -> ChangeBatch:
+        # A WriteBatch that also keeps its changes for the changelog (streams/changelog.py).
+        batch = ChangeBatch(self.partition)
         self.join.sweep()
         through = self._sweep_through
         if through is None:
@@ -454,7 +460,9 @@ class Ingest:
             "conversions": RecordDecoder(Conversion, limit),
         }
         self.privacy = settings.privacy_policy()
-        self.db = open_store(settings.data_dir / "ingest")
+        self.db = open_store(settings.state_dir("ingest"))
+        # Replicates the store, so another instance can take its partitions over.
+        self.changelog: IngestChangelog | None = None
         self.states: dict[int, PartitionState] = {}
         self.metrics = IngestMetrics()
         self._pending_offsets: dict[int, dict[str, int]] = {}
@@ -465,6 +473,7 @@ class Ingest:
         self._follower: Follower[Creative] | None = None
         self._stopping = asyncio.Event()
         self.flush_lock = asyncio.Lock()
+        self._commit_failed = False
         # Impressions naming a creative this process has not seen yet: it may have
         # been registered a moment ago, so they wait for a registry sync.
         self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Impression, float]] = []
@@ -481,6 +490,7 @@ class Ingest:
             **producer_kwargs(s, acks="all", linger_ms=2, max_batch_size=262_144)
         )
         await self._producer.start()
+        self.changelog = IngestChangelog(s, self.db, self._producer)
         extra: dict[str, Any] = {}
         if s.session_timeout_s:
             extra["session_timeout_ms"] = int(s.session_timeout_s * 1000)
@@ -505,7 +515,13 @@ class Ingest:
         self._consumer.subscribe(list(self.roles), listener=_Rebalance(self))
 
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        assert self._consumer is not None
+        assert self._consumer is not None and self.changelog is not None
+        # A partition's state may have been written by another instance since this
+        # store last held it (or the store is new): bring it up to its changelog first.
+        moved = {tp.partition for tp in assigned} - set(self.states)
+        async with self.flush_lock:
+            for result in await self.changelog.restore(moved):
+                log.info("changelog restored", extra=dataclasses.asdict(result))
         for tp in assigned:
             state = self.states.get(tp.partition)
             if state is None:
@@ -587,7 +603,8 @@ class Ingest:
     async def stop(self) -> None:
         self._stopping.set()
         try:
-            if self._producer is not None and self._consumer is not None:
+            clients = self._producer is not None and self._consumer is not None
+            if clients and not self._commit_failed:
                 await self.flush(force=True)
         finally:
             if self._consumer is not None:
@@ -870,14 +887,21 @@ class Ingest:
         dlq = self.settings.topic("dead_letter")
         for key, value in self._dead:
             futures.append(await self._producer.send(dlq, value, key=key))
-        if futures:
-            await asyncio.gather(*futures)
-        for p, offsets in self._pending_offsets.items():
-            state = self.states.get(p)
-            if state is None:
-                continue
-            self.db.write(state.write_batch(offsets))
-            state.committed()
+        batches = {
+            p: state.write_batch(offsets)
+            for p, offsets in self._pending_offsets.items()
+            if (state := self.states.get(p)) is not None
+        }
+        # Outputs and state changes acknowledged, then the checkpoints, then the local
+        # store: see streams/changelog.py for why that order is atomic on replay.
+        assert self.changelog is not None
+        # A commit that fails half-way leaves the state objects past what was committed
+        # (their batches were built): no second flush from them, the process restarts.
+        self._commit_failed = True
+        await self.changelog.commit(futures, batches)
+        self._commit_failed = False
+        for p in batches:
+            self.states[p].committed()
         self._pending_offsets.clear()
         self._dead.clear()
         self._last_flush = time.monotonic()

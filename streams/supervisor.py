@@ -4,6 +4,13 @@ Children get the parent's Settings through ``ADLOOP_*`` variables, log to
 ``<data_dir>/logs/<role>.log``, and are killed by the kernel if the parent dies
 (PR_SET_PDEATHSIG), so no process outlives ``adloop up`` / ``adloop demo``.
 
+A role can run as several processes (``ingest-1``, ``ingest-2``, ...: ``instances``):
+each gets ``ADLOOP_INSTANCE``, hence its own state directories (``Settings.state_dir``),
+and serving instance n listens on ``api_port + n - 1`` (the worker's web port and the
+metrics ports move the same way). Ingest and worker instances share their role's
+consumer group, so they share its partitions, and a dead one's partitions move to the
+others with their state (the ingest's changelog, the worker's Faust table changelog).
+
 A role that dies is restarted with exponential backoff (``RestartPolicy``, pure and
 clock-injected); one that keeps dying is in a visible *crash loop* (a log line at
 error level, ``status()``, and ``<data_dir>/supervisor.json``) and is still retried
@@ -35,6 +42,23 @@ ROLES = ("ingest", "worker", "serve")
 # The closed loop: the controller and the generator (which loads the models).
 LOOP_ROLES = ("loop", "generator")
 ALL_ROLES = ROLES + LOOP_ROLES
+
+
+def split_instance(name: str) -> tuple[str, int]:
+    """``"ingest-2"`` -> ``("ingest", 2)``; a plain role is instance 0 (the only one)."""
+    role, _, number = name.rpartition("-")
+    if role in ALL_ROLES and number.isdigit() and int(number) >= 1:
+        return role, int(number)
+    if name in ALL_ROLES:
+        return name, 0
+    raise ValueError(f"unknown role {name!r}: one of {ALL_ROLES}, optionally with -<n>, n >= 1")
+
+
+def instances(roles: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """Each role ``count`` times (``ingest-1``, ``ingest-2``, ...); once is the role itself."""
+    if count <= 1:
+        return roles
+    return tuple(f"{role}-{n}" for role in roles for n in range(1, count + 1))
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -148,17 +172,36 @@ class Supervisor:
     def log_path(self, role: str) -> Path:
         return self.log_dir / f"{role}.log"
 
+    def api_port(self, name: str = "serve") -> int:
+        """The serving API port of ``serve`` or ``serve-<n>``."""
+        _, number = split_instance(name)
+        return self.settings.api_port + max(0, number - 1)
+
+    def serving(self) -> list[str]:
+        return [name for name in self.roles if split_instance(name)[0] == "serve"]
+
+    def _env(self, name: str) -> dict[str, str]:
+        env = settings_env(self.settings)
+        role, number = split_instance(name)
+        offset = max(0, number - 1)
+        if number:
+            env["ADLOOP_INSTANCE"] = str(number)
+            env["ADLOOP_API_PORT"] = str(self.api_port(name))
+            if self.settings.worker_web_port:
+                env["ADLOOP_WORKER_WEB_PORT"] = str(self.settings.worker_web_port + offset)
+        if self.settings.metrics_port_base and role != "serve":
+            # Each role its own /metrics port (serving has /metrics on its API port).
+            index = ALL_ROLES.index(role) + len(ALL_ROLES) * offset
+            env["ADLOOP_METRICS_PORT"] = str(self.settings.metrics_port_base + 1 + index)
+        return env
+
     def start(self, role: str | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = settings_env(self.settings)
         for name in (role,) if role else self.roles:
-            if self.settings.metrics_port_base and name != "serve":
-                # Each role its own /metrics port (serving has /metrics on its API port).
-                port = self.settings.metrics_port_base + 1 + ALL_ROLES.index(name)
-                env = {**env, "ADLOOP_METRICS_PORT": str(port)}
+            env = self._env(name)
             out = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
             self.children[name] = subprocess.Popen(
-                [sys.executable, "-m", "adloop", name],
+                [sys.executable, "-m", "adloop", split_instance(name)[0]],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -248,20 +291,23 @@ class Supervisor:
         child.wait(timeout=30)
 
     def wait_http_ready(self, timeout: float = 60.0) -> None:
-        url = f"http://{self.settings.api_host}:{self.settings.api_port}/healthz"
+        """Until every serving instance answers /healthz."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check()
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"serving API not ready at {url} after {timeout:.0f} s:\n{self.tail('serve')}"
-        )
+        for name in self.serving() or ["serve"]:
+            url = f"http://{self.settings.api_host}:{self.api_port(name)}/healthz"
+            while True:
+                self.check()
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as response:
+                        if response.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"serving API not ready at {url} after {timeout:.0f} s:\n{self.tail(name)}"
+                    )
+                time.sleep(0.2)
 
     def stop(self, timeout: float = 15.0) -> None:
         for child in self.children.values():

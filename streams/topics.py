@@ -61,9 +61,12 @@ def topic_specs(settings: Settings) -> dict[str, TopicSpec]:
         settings.topic(role): TopicSpec(
             partitions=TOPOLOGY[role].partitions_for(settings),
             replication_factor=settings.replication_factor,
-            # Only compaction is set: "delete" is every broker's default, and a topic
-            # created without a config keeps following the broker's settings.
-            configs={"cleanup.policy": "compact"} if TOPOLOGY[role].compacted else {},
+            # Only compaction and declared configs are set: "delete" is every broker's
+            # default, and a topic created without a config keeps following the broker's.
+            configs={
+                **({"cleanup.policy": "compact"} if TOPOLOGY[role].compacted else {}),
+                **TOPOLOGY[role].configs,
+            },
         )
         for role in TOPIC_ROLES
     }
@@ -247,8 +250,11 @@ def _forget_local_state(settings: Settings) -> None:
     """A fresh embedded broker starts with empty topics: local state derived from an
     earlier run's topics (ingest checkpoints, the worker's table offsets) would skip
     or contradict the new data, so it goes."""
-    for role in ("ingest", "worker"):
-        path = settings.data_dir / role
-        if path.exists():
+    if not settings.data_dir.is_dir():
+        return
+    for path in sorted(settings.data_dir.iterdir()):
+        # Every instance's state: ingest, ingest-2, worker-1, ...
+        role = path.name.split("-", 1)[0]
+        if role in ("ingest", "worker") and path.is_dir():
             shutil.rmtree(path)
             log.info("cleared state of an earlier embedded run", extra={"path": str(path)})

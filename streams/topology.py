@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
@@ -52,6 +52,7 @@ TopicRole = Literal[
     "generation_results",
     "campaigns",
     "audit",
+    "ingest_changelog",
 ]
 TOPIC_ROLES: tuple[TopicRole, ...] = get_args(TopicRole)
 
@@ -60,6 +61,11 @@ TOPIC_ROLES: tuple[TopicRole, ...] = get_args(TopicRole)
 Process = Literal[
     "exchange", "ingest", "worker", "serve", "loop", "generator", "train-ctr", "operators"
 ]
+
+
+class StoreValue(msgspec.Struct):
+    """A state store changelog's value: the bytes its store keeps (msgpack), a tombstone
+    when the key was deleted. Only the store's own role reads it."""
 
 
 def _campaign_audience(record: Any) -> str:
@@ -90,6 +96,8 @@ class TopicDecl:
     partitions: int | None = None
     #: Why the partition count matters for this role, if it does.
     partitioning: str = ""
+    #: Topic configs besides ``cleanup.policy`` (which ``compacted`` sets).
+    configs: Mapping[str, str] = field(default_factory=dict)
 
     def partitions_for(self, settings: Settings) -> int:
         return self.partitions or settings.partitions
@@ -212,6 +220,23 @@ _DECLS: tuple[TopicDecl, ...] = (
         writers=("serve", "loop"),
         readers=("serve", "loop"),
         purpose="who or what changed what, when and why",
+    ),
+    TopicDecl(
+        role="ingest_changelog",
+        key="the ingest store's RocksDB key (bytes: tag, input partition, rest)",
+        key_of=None,
+        record=StoreValue,
+        compacted=True,
+        writers=("ingest",),
+        readers=("ingest",),
+        purpose=(
+            "the ingest's join state and input offsets, restored by the instance that is "
+            "given a partition (internal; streams/changelog.py)"
+        ),
+        partitioning="partition p holds the state of input partition p",
+        # A crashed flush's records stay out of compaction until the partition's next
+        # owner has rewritten their keys (streams/changelog.py, "Compaction").
+        configs={"min.compaction.lag.ms": "3600000"},
     ),
 )
 

@@ -11,6 +11,7 @@ with exactly the same counts.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -62,7 +63,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "broker": ";".join(f"{scheme}://{h}" for h in settings.bootstrap_servers.split(",")),
         "store": "rocksdb://",
-        "datadir": str(settings.data_dir / "worker"),
+        "datadir": str(settings.state_dir("worker")),
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "consumer_auto_offset_reset": "earliest",
@@ -131,6 +132,15 @@ class PosteriorWorker:
         self.app.agent(self.outcomes, name="apply-outcomes")(self._apply_outcomes)
         self.app.task(self._follow_registry)
         self.app.timer(interval=settings.decision_interval_ms / 1000)(self._publish_dirty)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+
+    async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
+        # With several workers (README "Scaling out"), which outcome partitions (and
+        # posterior table partitions) this one holds: for operators and the scale test.
+        topic = self.settings.topic("outcomes")
+        partitions = sorted(tp.partition for tp in assigned if tp.topic == topic)
+        # In the message: Faust's log format drops structured extras.
+        log.info("partitions assigned partitions=%s", json.dumps(partitions))
 
     def prior_of(self, campaign: str, audience: str) -> Any:
         """Prior for a creative in this audience: its predicted CTR, else what it earns

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from adloop.bench.harness import free_port
 from adloop.schemas import Creative
 from adloop.streams.config import Settings
 from adloop.streams.kafka_io import kafka_python_kwargs
-from adloop.streams.supervisor import Supervisor
+from adloop.streams.supervisor import ROLES, Supervisor
 from adloop.streams.topics import ensure_topics_sync
 
 #: The limit of every wait for a condition (seconds).
@@ -32,13 +33,29 @@ WAIT_S = 120.0
 SENTINEL = "zz-sentinel"
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 class Stack:
     """ingest + worker + serve as child processes, plus clients for the test."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings.with_overrides(api_port=free_port())
+    def __init__(self, settings: Settings, roles: tuple[str, ...] = ROLES) -> None:
+        # Serving instance n listens on api_port + n - 1: a run of free ports.
+        ports = len([r for r in roles if r.startswith("serve")]) or 1
+        self.settings = settings.with_overrides(api_port=free_ports(ports))
         ensure_topics_sync(self.settings)
-        self.sup = Supervisor(self.settings)
+        self.sup = Supervisor(self.settings, roles=roles)
         self.producer = KafkaProducer(
             **kafka_python_kwargs(KafkaProducer, self.settings, acks="all", linger_ms=2)
         )
@@ -51,6 +68,11 @@ class Stack:
         self.sup.wait_http_ready(timeout=WAIT_S)
         self.api = HttpSelector.local(self.settings)
         return self
+
+    def replica(self, name: str) -> HttpSelector:
+        """A client of serving instance ``name`` (``serve-2``), with the admin token."""
+        assert self.api is not None
+        return HttpSelector(self.settings.api_host, self.sup.api_port(name), self.api.token)
 
     def stop(self) -> None:
         self.producer.close()
@@ -100,10 +122,13 @@ class Stack:
             if predicate():
                 return
             time.sleep(0.1)
+        logs = "".join(
+            f"\n--- {name} log ---\n{self.sup.tail(name)}"
+            for name in self.sup.roles
+            if not name.startswith("serve")
+        )
         raise AssertionError(
-            f"timed out waiting for {what}; state: {state() if state else '-'}"
-            f"\n--- ingest log ---\n{self.sup.tail('ingest', 60)}"
-            f"\n--- worker log ---\n{self.sup.tail('worker', 60)}"
+            f"timed out waiting for {what}; state: {state() if state else '-'}{logs}"
         )
 
     def settle(self, campaign: str, audiences: list[str]) -> None:

@@ -213,7 +213,9 @@ def test_ensure_topics_creates_every_topic(settings: Settings) -> None:
         }
 
     compacted = {settings.topic(role) for role in COMPACTED_ROLES}
-    assert {settings.topic(r) for r in ("decisions", "creatives", "campaigns")} == compacted
+    assert {
+        settings.topic(r) for r in ("decisions", "creatives", "campaigns", "ingest_changelog")
+    } == compacted
     assert asyncio.run(policies()) == {n: "compact" if n in compacted else None for n in names}
 
 

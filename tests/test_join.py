@@ -344,14 +344,14 @@ def test_the_ingest_store_sweeps_forgotten_impressions_and_keeps_a_resent_id(
     rules = state.rules
     assert state.add_impression(imp("old", T0), 0, T0) is None
     assert state.attribute(click("ghost"), T0, 0, b"{}", b"ghost") == PARKED
-    db.write(state.write_batch({"impressions": 1, "clicks": 1}))
+    db.write(state.write_batch({"impressions": 1, "clicks": 1}).batch)
     state.committed()
     later = T0 + rules.retention + 2 * rules.bucket_s
     # The id comes again after it was forgotten, in the same flush as the sweep of its
     # first record: the sweep deletes the old record, the new one is written after it.
     assert state.add_impression(imp("newer", later), 1, later) is None
     assert state.add_impression(imp("old", later), 2, later) is None
-    db.write(state.write_batch({"impressions": 3}))
+    db.write(state.write_batch({"impressions": 3}).batch)
     state.committed()
     reloaded = PartitionState(db, 0, settings)
     assert reloaded.watermark == later and reloaded.expired_through >= 0
@@ -577,7 +577,7 @@ def run_ingest_store(
             outcome(state.attribute(event, wall, i, raw, event.impression_id.encode()))  # type: ignore[arg-type]
         elif op.kind == "flush":
             pending[UNKNOWN_IMPRESSION] += len(state.join.expire_parked(wall, op.caught_up))
-            db.write(state.write_batch({"ops": i}))
+            db.write(state.write_batch({"ops": i}).batch)
             state.committed()
             committed += pending
             pending.clear()

@@ -63,7 +63,8 @@ def test_topic_specs_come_from_the_topology() -> None:
         compacted = TOPOLOGY[role].compacted
         assert (spec.configs.get("cleanup.policy") == "compact") == compacted
         assert (role in COMPACTED_ROLES) == compacted
-    assert {"creatives", "decisions", "campaigns"} == COMPACTED_ROLES
+    assert {"creatives", "decisions", "campaigns", "ingest_changelog"} == COMPACTED_ROLES
+    assert specs[settings.topic("ingest_changelog")].configs["min.compaction.lag.ms"]
 
 
 def test_keys_are_derived_from_the_values() -> None:

@@ -43,8 +43,8 @@ class Role:
 PRINCIPALS: dict[str, Role] = {
     "exchange": Role(writes=("impressions", "clicks", "conversions")),
     "ingest": Role(
-        reads=("impressions", "clicks", "conversions", "creatives"),
-        writes=("outcomes", "dead_letter"),
+        reads=("impressions", "clicks", "conversions", "creatives", "ingest_changelog"),
+        writes=("outcomes", "dead_letter", "ingest_changelog"),
         group="ingest",
     ),
     "worker": Role(
