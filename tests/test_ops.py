@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from adloop.streams.config import Settings
 from adloop.streams.metrics import DASHBOARD
 from adloop.streams.supervisor import ALL_ROLES
 
@@ -97,3 +99,71 @@ def test_dashboard_file_is_current_and_loads_in_grafanas_models() -> None:
         target = panel.targets[0] if panel.targets else None
         assert isinstance(target, Dataquery), panel.title
         assert spec_panel.metric in target.expr
+
+
+def _free_port_block(size: int) -> int:
+    """A base port whose next ``size`` ports are free on loopback."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + size >= 65000:
+            continue
+        try:
+            for port in range(base + 1, base + size + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.mark.integration
+def test_every_role_serves_metrics_and_every_panel_metric_exists(settings: Settings) -> None:
+    """Scrape the running stack: ingest and worker on their metrics ports, serving on its
+    API port; every metric the dashboard plots is exposed, and traffic shows in them."""
+    import urllib.request
+
+    from adloop.schemas import Creative
+
+    from stack import Stack, click, imp
+
+    base = _free_port_block(len(ALL_ROLES) + 1)
+    stack = Stack(settings.with_overrides(metrics_port_base=base)).start()
+    try:
+        stack.register(Creative(creative_id="m1", campaign="ops", headline="Metrics"))
+        stack.publish("impressions", "m-i1", imp("m-i1", "m1", "a", campaign="ops"))
+        stack.publish("clicks", "m-i1", click("m-i1"))
+        stack.publish("impressions", "m-bad", b"{not json")
+        stack.flush()
+        stack.wait_for(lambda: stack.counts("ops", "a").get("m1") == (1, 1), 120, "counted")
+        stack.api.call("POST", "/v1/select", {"campaign": "ops", "audience": "a"})  # type: ignore[union-attr]
+
+        def scrape(port: int) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                return r.read().decode()
+
+        ports = {
+            "ingest": base + 1 + ALL_ROLES.index("ingest"),
+            "worker": base + 1 + ALL_ROLES.index("worker"),
+            "serve": stack.settings.api_port,
+        }
+        pages: dict[str, str] = {}
+
+        def scraped() -> bool:
+            pages.update({role: scrape(port) for role, port in ports.items()})
+            return 'adloop_events_total{kind="impressions"} 1.0' in pages["ingest"]
+
+        stack.wait_for(scraped, 120, "the ingest's counters exported")
+        assert 'adloop_dead_letters_total{reason="malformed_json"} 1.0' in pages["ingest"]
+        assert "adloop_decisions_total" in pages["worker"]
+        assert "adloop_select_seconds_count 1.0" in pages["serve"]
+        assert 'adloop_event_to_decision_seconds_count{role="serve"}' in pages["serve"]
+        everything = "".join(pages.values())
+        for panel in DASHBOARD:
+            assert f"# HELP {panel.metric}" in everything, panel.metric
+    finally:
+        stack.stop()
