@@ -30,9 +30,7 @@ RATES = {"mobile": {"c1": 0.20, "c2": 0.02}, "desktop": {"c1": 0.02, "c2": 0.20}
 DEVICES = ("mobile", "desktop")
 
 
-def _publish(
-    stack: Stack, start: int, n: int, seed: int, expected: dict[str, list[int]]
-) -> None:
+def _publish(stack: Stack, start: int, n: int, seed: int, expected: dict[str, list[int]]) -> None:
     """n impressions alternating over creatives and devices (hour 9 or 21), each
     clicked at its device's rate; ``expected[cell]`` adds up [impressions, clicks]."""
     rng = np.random.default_rng(seed)
@@ -136,8 +134,9 @@ def test_context_is_learned_and_served_with_its_propensity_on_every_replica(
 
         def same_model() -> bool:
             status, body = replica.get("/v1/campaigns/spring/audiences/students/decision")
-            return status == 200 and (body.get("contextual") or {}).get("version") == (
-                policy["version"]
+            return (
+                status == 200
+                and (body.get("contextual") or {}).get("version") == (policy["version"])
             )
 
         stack.wait_for(same_model, what="the second replica has the same model version")
