@@ -162,6 +162,20 @@ class VowpalContextual:
         self.learned[0] += total
         self.learned[1] += float(clicks)
 
+    def learn_increment(
+        self, context: Features, arm: int | str, impressions: float, clicks: float
+    ) -> None:
+        """The stream's increment: ``clicks`` clicks and the rest of ``impressions`` as
+        non-clicks. A click counted after its impression was learned as a non-click
+        cannot be unlearned by an online learner: it is learned as one more click, so VW
+        sees a few more trials than there were impressions (``learned`` keeps the
+        counts)."""
+        if impressions <= 0 and clicks <= 0:
+            return
+        before = list(self.learned)
+        self.learn_counts(context, arm, clicks, max(impressions - clicks, 0.0))
+        self.learned = [before[0] + impressions, before[1] + clicks]
+
     def serving_table(self, contexts: Sequence[Features]) -> np.ndarray:
         """``serving_probabilities`` for each context: (contexts, arms)."""
         out = np.zeros((len(contexts), self.n_arms))
@@ -233,6 +247,10 @@ class ContextualLearner(Protocol):
         clicks: float,
         non_clicks: float,
         propensity: float = 1.0,
+    ) -> None: ...
+
+    def learn_increment(
+        self, context: Features, arm: int | str, impressions: float, clicks: float
     ) -> None: ...
 
     def serving_probabilities(self, context: Features) -> np.ndarray: ...

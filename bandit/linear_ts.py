@@ -231,20 +231,26 @@ class LogisticThompson:
         model is a likelihood of the clicks given the creative shown, which the
         logging probabilities do not change (no importance weighting needed).
         """
-        arm_id = arm if isinstance(arm, str) else self.arm_ids[arm]
-        k, n = float(clicks), float(clicks) + float(non_clicks)
-        if n <= 0:
+        self.learn_increment(context, arm, float(clicks) + float(non_clicks), float(clicks))
+
+    def learn_increment(
+        self, context: Features, arm: int | str, impressions: float, clicks: float
+    ) -> None:
+        """Add counted impressions and clicks (the stream's increments: a click may come
+        in a later increment than its impression; the counts are what is learned)."""
+        if impressions <= 0 and clicks <= 0:
             return
+        arm_id = arm if isinstance(arm, str) else self.arm_ids[arm]
         if arm_id not in self.arm_features:
             self.arm_features[arm_id] = {}
         items = self.items(context)
         row = self.stats.get((items, arm_id))
         if row is None:
             row = self.stats[(items, arm_id)] = [0.0, 0.0]
-        row[0] += n
-        row[1] += k
-        self.learned[0] += n
-        self.learned[1] += k
+        row[0] += impressions
+        row[1] += clicks
+        self.learned[0] += impressions
+        self.learned[1] += clicks
         self._fitted = False
 
     def learn_one(
@@ -263,8 +269,9 @@ class LogisticThompson:
         from scipy.optimize import minimize
 
         vectors = [self._vector(items, arm) for items, arm in self.stats]
-        n = np.array([r[0] for r in self.stats.values()])
         k = np.array([r[1] for r in self.stats.values()])
+        # Trials: impressions (a row's clicks never outnumber them once counted).
+        n = np.maximum(np.array([r[0] for r in self.stats.values()]), k)
         f = len(self.names)
         indptr = np.cumsum([0] + [idx.size for idx, _ in vectors])
         x = sparse.csr_matrix(

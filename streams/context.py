@@ -355,16 +355,17 @@ def learn_rows(
     increments: Sequence[Increment],
     features_of: CreativeFeatures,
 ) -> None:
-    """One example per increment: its clicks and non-clicks, weight = its count.
+    """One example per increment: its impressions and clicks, weight = its count.
 
-    Clicks can arrive in a later increment than their impressions (the click wait);
-    an increment with more clicks than impressions learns its clicks as clicks and
-    nothing as non-clicks, so the totals learned equal the counted totals.
+    A click can arrive in a later increment than its impression (the click wait):
+    the Thompson learner's counts are its sufficient statistics, so it learns exactly
+    the counted totals whatever the split; Vowpal Wabbit learns such a click as one
+    more example (``VowpalContextual.learn_increment``).
     """
     for cell, creative_id, placement, d_imps, d_clicks in sorted(increments):
         model.add_arm(creative_id, features_of(creative_id))
         context = learner_context(placement, cell)
-        model.learn_counts(context, creative_id, d_clicks, max(d_imps - d_clicks, 0))
+        model.learn_increment(context, creative_id, d_imps, d_clicks)
 
 
 def load_model(raw: bytes | None, kind: str) -> ContextualLearner:

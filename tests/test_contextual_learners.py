@@ -125,3 +125,18 @@ def test_creative_features_from_text() -> None:
 def test_unknown_learner_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown contextual learner 'ucb'"):
         make_learner("ucb")
+
+
+@pytest.mark.parametrize("kind", LEARNERS)
+def test_clicks_counted_after_their_impressions_are_learned_as_counted(kind: str) -> None:
+    """The stream counts an impression at once and its click when it lands, often in a
+    later increment: what was learned is the counts either way."""
+    split, together = make_learner(kind), make_learner(kind)
+    for model in (split, together):
+        model.add_arm("c1")
+    split.learn_increment({"device": "mobile"}, "c1", 100, 0)
+    split.learn_increment({"device": "mobile"}, "c1", 0, 3)
+    together.learn_increment({"device": "mobile"}, "c1", 100, 3)
+    assert split.learned == together.learned == [100.0, 3.0]
+    if kind == "logistic_ts":  # counts are its sufficient statistics: the same model
+        assert split.to_bytes() == together.to_bytes()
