@@ -130,7 +130,7 @@ class ContextCells:
             )
 
     def cell(self, context: Mapping[str, Any]) -> str:
-        raw = tuple(context.get(n) for n in self.names)
+        raw = tuple(map(context.get, self.names))
         found = self._cache.get(raw)
         if found is not None:
             return found
@@ -175,9 +175,10 @@ def learner_context(placement: str, cell: str) -> dict[str, str]:
 class _KeyRows:
     """One campaign × audience's rows in one partition."""
 
-    __slots__ = ("cells", "dirty", "full_sent_at", "rows")
+    __slots__ = ("cells", "dirty", "full_sent_at", "key", "rows")
 
-    def __init__(self, rows: list[ContextRow]) -> None:
+    def __init__(self, key: str, rows: list[ContextRow]) -> None:
+        self.key = key
         self.rows: dict[Row, ContextRow] = {(r.cell, r.creative_id, r.placement): r for r in rows}
         self.cells: set[str] = {r.cell for r in rows if r.cell != OTHER}
         self.dirty: set[Row] = set()
@@ -192,7 +193,9 @@ class PartitionContexts:
     """The ingest's context-cell counts for one input partition.
 
     ``load(key)`` reads a key's stored rows (RocksDB); ``changes()`` gives what to write
-    with the next checkpoint, ``committed()`` forgets it once written.
+    with the next checkpoint, ``committed()`` forgets it once written. The hot path
+    (``cell``, ``count_impression``, ``count_click``) does a few dictionary lookups per
+    event and builds no key string.
     """
 
     def __init__(
@@ -206,41 +209,49 @@ class PartitionContexts:
         self.cap = cap
         self._load = load
         self._storage_key = storage_key
-        self._keys: dict[str, _KeyRows] = {}
-        # (campaign, audience, cell, creative, placement) -> the row: one lookup per event.
-        self._row_cache: dict[tuple[str, str, str, str, str], tuple[_KeyRows, ContextRow]] = {}
-        self._changed: set[str] = set()
+        self._keys: dict[tuple[str, str], _KeyRows] = {}
+        # (campaign, audience, cell, creative, placement) -> (its key's rows, the row,
+        # (cell, creative, placement)): one lookup per counted event.
+        self._row_cache: dict[tuple[str, str, str, str, str], tuple[_KeyRows, ContextRow, Row]] = {}
+        self._changed: set[_KeyRows] = set()
 
-    def _key_rows(self, key: str) -> _KeyRows:
-        rows = self._keys.get(key)
+    def _key_rows(self, campaign: str, audience: str) -> _KeyRows:
+        rows = self._keys.get((campaign, audience))
         if rows is None:
+            key = decision_key(campaign, audience)
             raw = self._load(key)
-            rows = self._keys[key] = _KeyRows(_rows_decoder.decode(raw) if raw else [])
+            rows = self._keys[(campaign, audience)] = _KeyRows(
+                key, _rows_decoder.decode(raw) if raw else []
+            )
         return rows
 
     def cell(self, imp: Impression) -> str:
         """The impression's cell: its own, or ``other`` when its key is at the cap."""
         cell = self.cells.cell(imp.context) if imp.context else NO_FEATURES
-        rows = self._key_rows(decision_key(imp.campaign, imp.audience))
+        rows = self._keys.get((imp.campaign, imp.audience))
+        if rows is None:
+            rows = self._key_rows(imp.campaign, imp.audience)
         if cell in rows.cells or len(rows.cells) < self.cap:
             return cell
         return OTHER
 
-    def _row(self, campaign: str, audience: str, cell: str, creative: str, placement: str):
+    def _row(
+        self, campaign: str, audience: str, cell: str, creative: str, placement: str
+    ) -> ContextRow:
         ident = (campaign, audience, cell, creative, placement)
         found = self._row_cache.get(ident)
         if found is None:
-            key = decision_key(campaign, audience)
-            rows = self._key_rows(key)
-            row = rows.rows.get((cell, creative, placement))
+            rows = self._key_rows(campaign, audience)
+            row_id = (cell, creative, placement)
+            row = rows.rows.get(row_id)
             if row is None:
-                row = rows.rows[(cell, creative, placement)] = ContextRow(cell, creative, placement)
+                row = rows.rows[row_id] = ContextRow(cell, creative, placement)
                 if cell != OTHER:
                     rows.cells.add(cell)
-            found = self._row_cache[ident] = (rows, row)
-        rows, row = found
-        rows.dirty.add((cell, creative, placement))
-        self._changed.add(decision_key(campaign, audience))
+            found = self._row_cache[ident] = (rows, row, row_id)
+        rows, row, row_id = found
+        rows.dirty.add(row_id)
+        self._changed.add(rows)
         return row
 
     def count_impression(self, imp: Impression, cell: str) -> None:
@@ -254,9 +265,10 @@ class PartitionContexts:
         row.clicks += 1
 
     def snapshot_rows(self, key: str, now: float) -> list[ContextRow]:
-        """The rows of ``key`` for the next snapshot: those changed since the last
-        checkpoint, or all of them every ``FULL_ROWS_EVERY_S``."""
-        rows = self._keys.get(key)
+        """The rows of ``key`` (a decision key) for the next snapshot: those changed
+        since the last checkpoint, or all of them every ``FULL_ROWS_EVERY_S``."""
+        campaign, _, audience = key.partition("|")
+        rows = self._keys.get((campaign, audience))
         if rows is None:
             return []
         if now - rows.full_sent_at >= FULL_ROWS_EVERY_S:
@@ -266,12 +278,12 @@ class PartitionContexts:
 
     def changes(self) -> Iterator[tuple[bytes, bytes]]:
         """(storage key, encoded rows) of every key changed since the last checkpoint."""
-        for key in self._changed:
-            yield self._storage_key(key), _rows_encoder.encode(list(self._keys[key].rows.values()))
+        for rows in self._changed:
+            yield self._storage_key(rows.key), _rows_encoder.encode(list(rows.rows.values()))
 
     def committed(self) -> None:
-        for key in self._changed:
-            self._keys[key].dirty.clear()
+        for rows in self._changed:
+            rows.dirty.clear()
         self._changed.clear()
 
 
