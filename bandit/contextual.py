@@ -1,4 +1,12 @@
-"""Contextual policy over context features × creative features, on Vowpal Wabbit.
+"""Contextual policies over context features × creative features.
+
+Two learners behind one interface (``ContextualLearner``): Vowpal Wabbit here, and
+Thompson sampling on a Bayesian logistic model in :mod:`bandit.linear_ts`. Both learn
+from counts (an increment of ``n`` impressions of one creative in one context, with
+``k`` clicks, is one example), give a serving distribution per context, and keep their
+state in bytes (``learner_to_bytes`` / ``learner_from_bytes``, tagged by kind).
+
+Vowpal Wabbit:
 
 ``cb_explore_adf`` (contextual bandit with action-dependent features) through
 ``vowpal-wabbit-next``: the context (audience, placement, device, hour, ...) goes in a
@@ -17,12 +25,23 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import vowpal_wabbit_next as vw
 
-__all__ = ["VowpalContextual"]
+from adloop.bandit.linear_ts import LogisticThompson
+
+__all__ = [
+    "LEARNERS",
+    "ContextualLearner",
+    "VowpalContextual",
+    "learner_from_bytes",
+    "learner_to_bytes",
+    "make_learner",
+    "project_embedding",
+    "word_features",
+]
 
 Features = Mapping[str, str | int | float | bool]
 _UNSAFE = re.compile(r"[\s|:]+")
@@ -63,6 +82,7 @@ class VowpalContextual:
             a: dict((arm_features or {}).get(a, {})) for a in self.arm_ids
         }
         self._action_lines: list[str] = [self._action_line(a) for a in self.arm_ids]
+        self.learned = [0.0, 0.0]  # impressions, clicks learned
 
     @property
     def n_arms(self) -> int:
@@ -116,10 +136,10 @@ class VowpalContextual:
     def learn_counts(
         self,
         context: Features,
-        arm: int,
+        arm: int | str,
         clicks: float,
         non_clicks: float,
-        propensity: float,
+        propensity: float = 1.0,
     ) -> None:
         """Learn aggregated outcomes (the stream's increments) as one example.
 
@@ -140,9 +160,39 @@ class VowpalContextual:
         total = clicks + non_clicks
         if total == 0:
             return
+        if isinstance(arm, str):
+            arm = self.arm_ids.index(arm)
         p = max(float(propensity), 1e-6)
         cost = -clicks / total
         self._ws.learn_one(self._examples(context, (arm, cost, p / total)))
+        self.learned[0] += total
+        self.learned[1] += float(clicks)
+
+    def learn_increment(
+        self, context: Features, arm: int | str, impressions: float, clicks: float
+    ) -> None:
+        """The stream's increment: ``clicks`` clicks and the rest of ``impressions`` as
+        non-clicks. A click counted after its impression was learned as a non-click
+        cannot be unlearned by an online learner: it is learned as one more click, so VW
+        sees a few more trials than there were impressions (``learned`` keeps the
+        counts)."""
+        if impressions <= 0 and clicks <= 0:
+            return
+        before = list(self.learned)
+        self.learn_counts(context, arm, clicks, max(impressions - clicks, 0.0))
+        self.learned = [before[0] + impressions, before[1] + clicks]
+
+    def serving_table(self, contexts: Sequence[Features]) -> np.ndarray:
+        """``serving_probabilities`` for each context: (contexts, arms)."""
+        out = np.zeros((len(contexts), self.n_arms))
+        for i, context in enumerate(contexts):
+            out[i] = self.serving_probabilities(context)
+        return out
+
+    def effects(self, arm_id: str, top: int = 3) -> dict[str, float]:
+        """VW's hashed weights carry no names: explanations are the per-context
+        choices (``serving_table``), not feature weights."""
+        return {}
 
     def learn_many(
         self,
@@ -162,6 +212,7 @@ class VowpalContextual:
                 "seed": self.seed,
                 "arm_ids": self.arm_ids,
                 "arm_features": self.arm_features,
+                "learned": self.learned,
             }
         ).encode()
         return len(header).to_bytes(4, "big") + header + self._ws.serialize()
@@ -170,10 +221,138 @@ class VowpalContextual:
     def from_bytes(cls, raw: bytes) -> VowpalContextual:
         size = int.from_bytes(raw[:4], "big")
         meta = json.loads(raw[4 : 4 + size])
-        return cls(
+        model = cls(
             vw_args=meta["vw_args"],
             seed=meta["seed"],
             model=raw[4 + size :],
             arm_ids=meta["arm_ids"],
             arm_features=meta["arm_features"],
         )
+        model.learned = list(meta.get("learned", [0.0, 0.0]))
+        return model
+
+
+# -- the learners' common interface -----------------------------------------------------
+
+
+class ContextualLearner(Protocol):
+    """What the stream needs of a contextual learner (both classes here satisfy it)."""
+
+    name: str
+    arm_ids: list[str]
+    learned: list[float]
+
+    def add_arm(self, arm_id: str, features: Any = None) -> int: ...
+
+    def remove_arm(self, arm_id: str) -> None: ...
+
+    def learn_counts(
+        self,
+        context: Features,
+        arm: int | str,
+        clicks: float,
+        non_clicks: float,
+        propensity: float = 1.0,
+    ) -> None: ...
+
+    def learn_increment(
+        self, context: Features, arm: int | str, impressions: float, clicks: float
+    ) -> None: ...
+
+    def serving_probabilities(self, context: Features) -> np.ndarray: ...
+
+    def serving_table(self, contexts: Sequence[Features]) -> np.ndarray: ...
+
+    def effects(self, arm_id: str, top: int = 3) -> dict[str, float]: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+#: ``ADLOOP_CONTEXT_LEARNER`` values.
+LEARNERS = ("logistic_ts", "vw")
+_TAGS = {"logistic_ts": b"T1", "vw": b"V1"}
+
+
+def make_learner(kind: str, seed: int = 0) -> ContextualLearner:
+    """A fresh learner: ``logistic_ts`` (Thompson sampling on a Bayesian logistic
+    model) or ``vw`` (Vowpal Wabbit ``cb_explore_adf``, ε-greedy)."""
+    if kind == "logistic_ts":
+        return LogisticThompson()
+    if kind == "vw":
+        return VowpalContextual(seed=seed)
+    raise ValueError(f"unknown contextual learner {kind!r}; choose one of {', '.join(LEARNERS)}")
+
+
+def learner_kind(learner: ContextualLearner) -> str:
+    return "vw" if isinstance(learner, VowpalContextual) else "logistic_ts"
+
+
+def learner_to_bytes(learner: ContextualLearner) -> bytes:
+    """The learner's state with a tag saying which kind it is."""
+    return _TAGS[learner_kind(learner)] + learner.to_bytes()
+
+
+def learner_from_bytes(raw: bytes) -> ContextualLearner:
+    tag, body = raw[:2], raw[2:]
+    if tag == _TAGS["logistic_ts"]:
+        return LogisticThompson.from_bytes(body)
+    if tag == _TAGS["vw"]:
+        return VowpalContextual.from_bytes(body)
+    raise ValueError(f"unknown contextual model tag {tag!r}")
+
+
+# -- creative features ------------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9%]+")
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "for",
+        "from",
+        "in",
+        "is",
+        "it",
+        "its",
+        "of",
+        "on",
+        "or",
+        "our",
+        "the",
+        "to",
+        "with",
+        "you",
+        "your",
+    ]
+)
+
+
+def word_features(text: str, limit: int = 12) -> dict[str, float]:
+    """A creative's words as features (``w_<word>`` = 1): creatives that share words
+    share what those words earned, so a new variant starts from its relatives.
+    Lower-cased, stop words out, the first ``limit`` distinct words."""
+    out: dict[str, float] = {}
+    for word in _WORD.findall(text.lower()):
+        if word in _STOPWORDS or len(word) < 2:
+            continue
+        out[f"w_{word}"] = 1.0
+        if len(out) >= limit:
+            break
+    return out
+
+
+def project_embedding(vector: Sequence[float] | np.ndarray, dims: int = 8) -> dict[str, float]:
+    """A sentence embedding reduced to ``dims`` features by a fixed random projection
+    (seeded: the same in every process and release), unit length: ``e0``..``e7``."""
+    v = np.asarray(vector, dtype=np.float64)
+    rng = np.random.default_rng(20240611 + v.size)
+    projection = rng.standard_normal((v.size, dims)) / np.sqrt(dims)
+    z = v @ projection
+    norm = float(np.linalg.norm(z)) or 1.0
+    return {f"e{i}": round(float(x / norm), 6) for i, x in enumerate(z)}

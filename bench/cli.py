@@ -254,6 +254,63 @@ def bench_bandits(
     )
 
 
+@bench.command("contextual")
+@click.option(
+    "--impressions",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="simulated impressions per policy, scenario and seed",
+)
+@click.option("--seeds", type=int, default=3, show_default=True, help="seeds per scenario")
+@click.option(
+    "--policies",
+    default=None,
+    help="comma-separated subset, e.g. adloop,adloop_contextual_ts,oracle (default: all)",
+)
+@click.option("--serving/--no-serving", default=True, help="select latency on the real stack")
+@click.option("--ingest/--no-ingest", default=True, help="ingest cost per event, in-process")
+@click.option(
+    "--spine",
+    "spine_impressions",
+    type=int,
+    default=0,
+    help="also the spine's throughput ratio on this many impressions with a context "
+    "(default policy and contextual; a few minutes)",
+)
+@click.option("--broker", help="kafka://host:port (default: embedded)")
+@out_option
+def bench_contextual(
+    impressions: int,
+    seeds: int,
+    policies: str | None,
+    serving: bool,
+    ingest: bool,
+    spine_impressions: int,
+    broker: str | None,
+    out: Path,
+) -> None:
+    """The contextual policy: regret where context matters and where it does not (vs the
+    context-free engine, MABWiser LinTS/LinUCB, Vowpal Wabbit), ingest cost, select
+    latency with a context -> contextual.md."""
+    configure_logging("WARNING")
+    from adloop.bench.contextual import run as run_contextual
+
+    which = {p.strip() for p in policies.split(",")} if policies else None
+    run_contextual(
+        out,
+        impressions=impressions,
+        seeds=seeds,
+        which=which,
+        serving=serving,
+        ingest=ingest,
+        spine=spine_impressions,
+        broker=broker,
+        progress=click.echo,
+    )
+    click.echo(f"report: {out / 'contextual.md'}")
+
+
 @bench.command("generator")
 @click.option("--variants", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads")

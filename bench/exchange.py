@@ -146,8 +146,13 @@ class HttpSelector:
                     raise
         raise AssertionError("unreachable")
 
-    def __call__(self, campaign: str, audience: str, placement: str) -> dict:
-        body = json.dumps({"campaign": campaign, "audience": audience, "placement": placement})
+    def __call__(
+        self, campaign: str, audience: str, placement: str, context: dict | None = None
+    ) -> dict:
+        request = {"campaign": campaign, "audience": audience, "placement": placement}
+        if context:
+            request["context"] = context
+        body = json.dumps(request)
         response = self.send("POST", "/v1/select", body)
         payload = response.read()
         if response.status != 200:

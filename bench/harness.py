@@ -72,9 +72,11 @@ def creatives() -> list[Creative]:
 
 
 def synthetic_events(
-    n_impressions: int, click_rate: float, seed: int = 1
+    n_impressions: int, click_rate: float, seed: int = 1, context: bool = False
 ) -> tuple[list[bytes], list[bytes], dict[str, tuple[int, int]]]:
-    """Encoded impressions and clicks, and the expected (impressions, clicks) per key."""
+    """Encoded impressions and clicks, and the expected (impressions, clicks) per key.
+    ``context``: each impression carries a device, an hour and two more context keys
+    (what the contextual policy's cells are made of)."""
     rng = np.random.default_rng(seed)
     cre = creatives()
     by_campaign = {c: [x for x in cre if x.campaign == c] for c in CAMPAIGNS}
@@ -105,6 +107,16 @@ def synthetic_events(
                     creative_id=creative.creative_id,
                     propensity=1 / CREATIVES_PER_CAMPAIGN,
                     policy="uniform",
+                    context=(
+                        {
+                            "device": ("mobile", "desktop", "tablet")[i % 3],
+                            "hour": (i // 7) % 24,
+                            "os": "android",
+                            "language": "en",
+                        }
+                        if context
+                        else {}
+                    ),
                 )
             )
         )

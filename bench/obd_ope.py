@@ -285,6 +285,106 @@ def adloop_replay(log: ObdLog, settings: Settings, rng: np.random.Generator) -> 
     return replay(log.item, log.click, choices, interval="exact")
 
 
+#: The contextual policy's cell features on OBD (``ADLOOP_CONTEXT_FEATURES``): the
+#: audience is user_feature_0, as for the context-free engine; positions are placements.
+OBD_CELL_FEATURES = ("user_feature_1", "user_feature_2")
+
+
+def item_features(path: Path, n_items: int) -> list[dict[str, float]]:
+    """The items' categorical features (item_context.csv) as each creative's features:
+    what lets the model carry what one item earned over to items like it."""
+    import pyarrow.csv as pacsv
+
+    item_context = path.parent / "item_context.csv"
+    if not item_context.exists():
+        return [{} for _ in range(n_items)]
+    table = pacsv.read_csv(item_context).to_pydict()
+    out: list[dict[str, float]] = [{} for _ in range(n_items)]
+    for row, item in enumerate(table["item_id"]):
+        if 0 <= int(item) < n_items:
+            out[int(item)] = {
+                f"{name}_{str(table[name][row])[:8]}": 1.0
+                for name in ("item_feature_1", "item_feature_2", "item_feature_3")
+                if name in table
+            }
+    return out
+
+
+def adloop_contextual_probabilities(
+    log: ObdLog,
+    features: list[dict[str, float]],
+    refresh_every: int = 50,
+    learner: str = "logistic_ts",
+) -> np.ndarray:
+    """adloop's contextual policy's serving distribution before each round, learning
+    from every earlier round (as ``adloop_probabilities`` does for the context-free
+    engine): one model per audience, context = the position (placement) and the cell
+    of ``OBD_CELL_FEATURES``, as ``streams.context`` forms it; the decision's 1 %
+    exploration floor. The model is refitted after every ``refresh_every`` rounds of
+    its audience and after each click; its per-cell table is reused in between."""
+    from adloop.bandit.contextual import make_learner
+    from adloop.schemas.privacy import PrivacyPolicy
+    from adloop.streams.context import ContextCells, learner_context, parse_features
+
+    cells = ContextCells(
+        parse_features(",".join(OBD_CELL_FEATURES)), PrivacyPolicy(context_keys=OBD_CELL_FEATURES)
+    )
+    ids = [f"item-{a}" for a in range(log.n_items)]
+    models = {}
+    for audience in np.unique(log.audience):
+        model = make_learner(learner)
+        for a, cid in enumerate(ids):
+            model.add_arm(cid, features[a])
+        models[audience] = model
+    cell_of = [
+        cells.cell({f: log.users[i, 1 + j] for j, f in enumerate(OBD_CELL_FEATURES)})
+        for i in range(len(log))
+    ]
+    tables: dict[Any, dict[tuple[int, str], np.ndarray]] = {a: {} for a in models}
+    # Rounds observed since the audience's last refresh: learned at the next one, as
+    # the stream learns a flush's increments before its next decision.
+    pending: dict[Any, list[int]] = {a: [] for a in models}
+    floor = 0.01
+    dist = np.zeros((len(log), log.n_items))
+    for i in range(len(log)):
+        audience = log.audience[i]
+        context_key = (int(log.position[i]), cell_of[i])
+        waiting = pending[audience]
+        if len(waiting) >= refresh_every or (waiting and log.click[waiting[-1]]):
+            for j in waiting:
+                context = learner_context(f"pos-{log.position[j]}", cell_of[j])
+                models[audience].learn_increment(context, ids[log.item[j]], 1.0, log.click[j])
+            waiting.clear()
+            tables[audience].clear()
+        table = tables[audience]
+        if context_key not in table:
+            context = learner_context(f"pos-{context_key[0]}", context_key[1])
+            p = models[audience].serving_table([context])[0]
+            table[context_key] = (1 - floor) * p / p.sum() + floor / log.n_items
+        dist[i] = table[context_key]
+        waiting.append(i)
+    return dist
+
+
+def paired_difference(
+    log: ObdLog, first: np.ndarray, second: np.ndarray, q: np.ndarray
+) -> list[Estimate]:
+    """IPS and DR of ``first`` minus ``second`` on the same rounds, with the interval of
+    the per-round differences: much narrower than comparing two separate intervals,
+    since both policies are judged on the same clicks."""
+    from adloop.bench.ope import _mean_with_ci
+
+    rows = np.arange(len(log))
+    weight = (first[rows, log.item] - second[rows, log.item]) / log.pscore
+    ips_terms = weight * log.click
+    residual = log.click - q[rows, log.item]
+    dr_terms = ((first - second) * q).sum(axis=1) + weight * residual
+    return [
+        _mean_with_ci("IPS difference", ips_terms),
+        _mean_with_ci("DR difference", dr_terms),
+    ]
+
+
 def estimate_policy(log: ObdLog, target_dist: np.ndarray, q: np.ndarray) -> list[Estimate]:
     """IPS, SNIPS, DM and DR of a target policy given as its distribution over items at
     every logged round, ``target_dist`` (rounds, n_items), with reward model ``q``."""
@@ -310,6 +410,11 @@ class OpeReport:
     relative_error: dict[str, float] = field(default_factory=dict)
     covers_truth: dict[str, bool] = field(default_factory=dict)
     adloop: list[Estimate] = field(default_factory=list)
+    # adloop's contextual policy (ADLOOP_POLICY=contextual) on the same random log.
+    contextual: list[Estimate] = field(default_factory=list)
+    # Contextual minus context-free adloop, paired on the same rounds.
+    contextual_vs_free: list[Estimate] = field(default_factory=list)
+    contextual_seconds: float = 0.0
     diagnostics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     note: str = ""
@@ -331,6 +436,9 @@ class OpeReport:
             "relative_error": self.relative_error,
             "covers_truth": self.covers_truth,
             "adloop": [est(e) for e in self.adloop],
+            "contextual": [est(e) for e in self.contextual],
+            "contextual_vs_free": [est(e) for e in self.contextual_vs_free],
+            "contextual_seconds": self.contextual_seconds,
             "diagnostics": self.diagnostics,
             "seconds": self.seconds,
             "note": self.note,
@@ -345,6 +453,8 @@ def run_obd_ope(
     settings: Settings | None = None,
     random_path: Path | None = None,
     bts_path: Path | None = None,
+    contextual: bool = True,
+    contextual_refresh: int = 50,
 ) -> OpeReport:
     """The paper's validation on one campaign, and adloop's policy on the random log."""
     started = time.perf_counter()
@@ -402,9 +512,23 @@ def run_obd_ope(
         if truth > 0:
             report.relative_error[estimate.method] = abs(estimate.value - truth) / truth
         report.covers_truth[estimate.method] = estimate.ci_low <= truth <= estimate.ci_high
+    context_free = adloop_probabilities(random_log, settings, rng)
     report.adloop = [
         adloop_replay(random_log, settings, rng),
-        *estimate_policy(random_log, adloop_probabilities(random_log, settings, rng), q),
+        *estimate_policy(random_log, context_free, q),
     ]
+    if contextual:
+        t0 = time.perf_counter()
+        path = random_path or obd_sample_path(f"random/{campaign}")
+        features = item_features(path, random_log.n_items)
+        dist = adloop_contextual_probabilities(
+            random_log, features, refresh_every=contextual_refresh
+        )
+        report.contextual = [
+            dataclasses.replace(e, method=f"{e.method} (contextual)")
+            for e in estimate_policy(random_log, dist, q)
+        ]
+        report.contextual_vs_free = paired_difference(random_log, dist, context_free, q)
+        report.contextual_seconds = time.perf_counter() - t0
     report.seconds = time.perf_counter() - started
     return report

@@ -66,9 +66,15 @@ def _pct(values: list[float]) -> dict[str, float]:
 
 
 def throughput(
-    settings: Settings, n_impressions: int, report: SpineReport, console: Console
+    settings: Settings,
+    n_impressions: int,
+    report: SpineReport,
+    console: Console,
+    context: bool = False,
 ) -> None:
-    impressions, clicks, expected = synthetic_events(n_impressions, click_rate=0.05)
+    impressions, clicks, expected = synthetic_events(
+        n_impressions, click_rate=0.05, context=context
+    )
     report.events = len(impressions) + len(clicks)
     with Progress(console=console, transient=True) as progress:
         asyncio.run(preload(settings, impressions, clicks, progress))

@@ -178,6 +178,41 @@ class RankedCreative(msgspec.Struct, kw_only=True):
     traffic_share: float = 0.0
     underperforming: bool = False
     reasons: list[str] = []
+    # Contextual policy only: the contexts where it is the policy's first choice
+    # ("placement context-cell", e.g. "feed device=mobile,hour=18"), and the context
+    # items that move its score most against the average creative (logit units).
+    wins_in: list[str] = []
+    context_effects: dict[str, float] = {}
+
+
+class ContextCell(msgspec.Struct, kw_only=True):
+    """The contextual policy's choice in one context cell of one placement."""
+
+    placement: str
+    # Canonical cell: "device=mobile,hour=18" (the features of ADLOOP_CONTEXT_FEATURES
+    # present in the context), "-" for none of them, "other" for cells past the cap.
+    cell: str
+    impressions: int = 0
+    clicks: int = 0
+    best_creative_id: str | None = None
+    # creative_id -> serving probability, exploration floor included; serving draws
+    # from these and logs the drawn one's as the propensity.
+    probabilities: dict[str, float] = {}
+
+
+class ContextualPolicy(msgspec.Struct, kw_only=True):
+    """The contextual model of one campaign x audience, compiled for serving."""
+
+    learner: str  # logistic_ts | vw
+    # Impressions + clicks learned: grows with every increment, so a reader can tell
+    # a newer model from an older one.
+    version: int
+    # The cell features (ADLOOP_CONTEXT_FEATURES): serving maps a request's context to
+    # its cell with them, exactly as the ingest did.
+    features: list[str]
+    learned_impressions: int = 0
+    learned_clicks: int = 0
+    cells: list[ContextCell] = []
 
 
 class Decision(Record, kw_only=True):
@@ -197,6 +232,8 @@ class Decision(Record, kw_only=True):
     # Contextual policy only: serving probabilities per placement (placement ->
     # creative_id -> probability); serving uses them for a matching placement.
     placements: dict[str, dict[str, float]] = {}
+    # Contextual policy only: its choice per context cell, for requests with a context.
+    contextual: ContextualPolicy | None = None
 
 
 class DeadLetter(Record, kw_only=True):
@@ -219,6 +256,17 @@ class CreativeCounts(msgspec.Struct, array_like=True, gc=False):
     conversion_value: float = 0.0
 
 
+class ContextRow(msgspec.Struct, array_like=True, gc=False):
+    """Cumulative counts of one creative x placement in one context cell, from one
+    source partition (see ``OutcomeSnapshot.contexts``)."""
+
+    cell: str
+    creative_id: str
+    placement: str
+    impressions: int = 0
+    clicks: int = 0
+
+
 class OutcomeSnapshot(Record, kw_only=True):
     """Internal: cumulative counts for one campaign x audience, per source partition.
 
@@ -236,6 +284,11 @@ class OutcomeSnapshot(Record, kw_only=True):
     emitted_at: float
     # Event time of the newest event in this snapshot, for latency measurement.
     last_event_at: float = 0.0
+    # Contextual policy only: contexts[source_partition] lists the context-cell rows
+    # whose counts changed (and, every few seconds, all of them), each with its
+    # cumulative counts. Every counter only grows, so the worker keeps the largest
+    # value seen per row: repeats and reordering change nothing.
+    contexts: dict[int, list[ContextRow]] = {}
 
 
 class Brief(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -175,8 +175,9 @@ class EngineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ADLOOP_", extra="forbid")
 
-    # "contextual": Vowpal Wabbit cb_explore_adf over audience x placement x creative
-    # serves; the discounted Thompson engine still gives labels and verdicts.
+    # "contextual": a contextual learner (ADLOOP_CONTEXT_LEARNER) over placement x
+    # context cell x creative serves; the discounted Thompson engine still gives labels
+    # and verdicts.
     policy: Literal[
         "discounted_thompson", "thompson", "kl_ucb", "epsilon_greedy", "uniform", "contextual"
     ] = "discounted_thompson"
@@ -192,6 +193,38 @@ class EngineSettings(BaseSettings):
     # propensity stays positive (needed for off-policy evaluation).
     exploration_floor: float = Field(default=EngineConfig.exploration_floor, ge=0, lt=1)
     selection_draws: int = Field(default=EngineConfig.draws, ge=100)
+    # The contextual policy (streams/context.py). Context features that form a cell,
+    # comma-separated; "hour/6": numeric values in buckets of 6.
+    context_features: str = "device,hour/6"
+    # Cells per campaign x audience and source partition; later ones count as "other".
+    context_cells_max: int = Field(default=64, ge=1, le=4096)
+    # logistic_ts: Thompson sampling on a Bayesian logistic model (bandit/linear_ts.py);
+    # vw: Vowpal Wabbit cb_explore_adf, epsilon-greedy (bandit/contextual.py).
+    context_learner: Literal["logistic_ts", "vw"] = "logistic_ts"
+    # What the learner knows of a creative's text: its words, a projection of the CTR
+    # backbone's sentence embedding (loads the model in the worker), or nothing.
+    context_text: Literal["words", "embedding", "none"] = "words"
+
+    @field_validator("context_features")
+    @classmethod
+    def _check_context_features(cls, value: str) -> str:
+        for item in (i.strip() for i in value.split(",")):
+            name, _, width = item.partition("/")
+            try:
+                ok = bool(name.strip()) and (not width or float(width) > 0)
+            except ValueError:
+                ok = False
+            if item and not ok:
+                raise ValueError(
+                    f"ADLOOP_CONTEXT_FEATURES item {item!r}: expected a context key, "
+                    "optionally /<bucket width> (e.g. device,hour/6)"
+                )
+        return value
+
+    @property
+    def counts_context_cells(self) -> bool:
+        """Whether the ingest counts by context cell (only the contextual policy reads it)."""
+        return self.policy == "contextual"
 
     def engine_config(self) -> EngineConfig:
         """The bandit engine's configuration from these settings."""

@@ -65,6 +65,7 @@ from adloop.streams import metrics
 from adloop.streams.broker import install_shutdown_signals
 from adloop.streams.changelog import ChangeBatch, IngestChangelog
 from adloop.streams.config import Settings
+from adloop.streams.context import partition_contexts
 from adloop.streams.follower import Follower
 from adloop.streams.join import (
     KEY_MISMATCH,
@@ -209,6 +210,13 @@ class PartitionState:
                 break
             campaign, _, audience = key[len(prefix) :].decode().partition("|")
             self._audiences.setdefault(campaign, set()).add(audience)
+        # ADLOOP_POLICY=contextual: counts per context cell too (streams/context.py),
+        # stored under ``k``+p+decision key, written with the same batch.
+        self.contexts = partition_contexts(
+            settings,
+            lambda key: db.get(_pkey(b"k", partition, key.encode())),
+            lambda key: _pkey(b"k", partition, key.encode()),
+        )
 
     # -- JoinStore -------------------------------------------------------------------
     def get(self, impression_id: str) -> ImpressionRecord | None:
@@ -326,9 +334,13 @@ class PartitionState:
     # -- event application: the join's outcome, counted ------------------------------------
     def add_impression(self, imp: Impression, offset: int, now_wall: float | None) -> str | None:
         """Apply an impression; returns a dead-letter reason code or None (counted)."""
-        code = self._join_impression(imp, now_wall, offset)
+        contexts = self.contexts
+        cell = contexts.cell(imp) if contexts is not None else ""
+        code = self._join_impression(imp, now_wall, offset, cell)
         if code is None:
             self._bump(imp, imp.timestamp).impressions += 1
+            if contexts is not None:
+                contexts.count_impression(imp, cell)
         return code
 
     def attribute(
@@ -345,6 +357,8 @@ class PartitionState:
         if type(outcome) is str:
             return outcome
         count_attributed(self._bump(outcome, event.timestamp), event)  # type: ignore[arg-type]
+        if outcome.cell and self.contexts is not None and type(event) is Click:  # type: ignore[union-attr]
+            self.contexts.count_click(outcome)
         return None
 
     # -- checkpointing --------------------------------------------------------------------
@@ -392,6 +406,9 @@ class PartitionState:
             batch.put(_pkey(b"x", self.partition, suffix), _enc.encode(ids))
         for key in self._dirty_counts:
             batch.put(_pkey(b"c", self.partition, key.encode()), _enc.encode(self._counts[key]))
+        if self.contexts is not None:
+            for ckey, rows in self.contexts.changes():
+                batch.put(ckey, rows)
         for impression_id in self._parked_dirty:
             wkey = _pkey(b"w", self.partition, impression_id.encode())
             events = self._parked.get(impression_id)
@@ -416,6 +433,8 @@ class PartitionState:
         self._dirty_counts.clear()
         self._parked_dirty.clear()
         self._last_event_at.clear()
+        if self.contexts is not None:
+            self.contexts.committed()
         # Counts stay cached: they are small and touched again soon.
 
 
@@ -923,6 +942,8 @@ class Ingest:
                     )
                 snapshot.sources[p] = counts
                 snapshot.last_event_at = max(snapshot.last_event_at, last_event_at)
+                if state.contexts is not None:
+                    snapshot.contexts[p] = state.contexts.snapshot_rows(key, now)
         return snapshots
 
     def _caught_up(self, tp: TopicPartition) -> bool:

@@ -134,6 +134,9 @@ class ImpressionRecord(msgspec.Struct, array_like=True, gc=False):
     timestamp: float
     offset: int  # source offset (the ingest's); 0 where there is none
     flags: int = 0  # CLICKED | CONVERTED
+    # The impression's context cell (streams/context.py) when the contextual policy
+    # counts cells, so its click lands in the same cell; "" when not counted by cell.
+    cell: str = ""
 
 
 class ParkedEvent(msgspec.Struct, array_like=True, gc=False):
@@ -346,10 +349,11 @@ class Join:
 
     # -- impressions -----------------------------------------------------------------------
     def add_impression(
-        self, imp: Impression, now_wall: float | None, offset: int = 0
+        self, imp: Impression, now_wall: float | None, offset: int = 0, cell: str = ""
     ) -> str | None:
         """Count an impression: None, or the reason code it is not counted. Then, if
-        ``has_parked(imp.impression_id)``, call ``take_released`` for its early clicks."""
+        ``has_parked(imp.impression_id)``, call ``take_released`` for its early clicks.
+        ``cell``: its context cell, kept on the record for its clicks."""
         timestamp = imp.timestamp
         if now_wall is not None and not (
             timestamp - now_wall <= self._skew and now_wall - timestamp <= self._max_age
@@ -368,7 +372,14 @@ class Join:
         self._add(
             imp.impression_id,
             ImpressionRecord(
-                imp.campaign, imp.audience, imp.creative_id, imp.placement, timestamp, offset
+                imp.campaign,
+                imp.audience,
+                imp.creative_id,
+                imp.placement,
+                timestamp,
+                offset,
+                0,
+                cell,
             ),
             bucket,
         )

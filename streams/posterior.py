@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 
 from adloop.bandit import BetaArms, BetaPrior, CreativeEngine, EngineConfig
-from adloop.bandit.contextual import VowpalContextual
+from adloop.bandit.contextual import ContextualLearner
 from adloop.schemas import (
     Creative,
     CreativeCounts,
@@ -21,6 +21,7 @@ from adloop.schemas import (
     OutcomeSnapshot,
     RankedCreative,
 )
+from adloop.streams import context as ctx
 
 DEFAULT_PRIOR_STRENGTH = 20.0
 log = logging.getLogger("adloop.posterior")
@@ -43,9 +44,15 @@ class PosteriorState(msgspec.Struct):
     sources: dict[int, dict[str, dict[str, CreativeCounts]]] = {}
     last_event_at: float = 0.0
     engine: dict[str, Any] | None = None
-    # The contextual policy's Vowpal Wabbit model (VowpalContextual.to_bytes), when
-    # ADLOOP_POLICY=contextual.
-    contextual: bytes | None = None
+    # ADLOOP_POLICY=contextual: the context-cell rows learned (the largest cumulative
+    # counts seen per source partition and row, streams/context.py) and the model that
+    # learned exactly them, in one table value so they are written together.
+    context_rows: dict[int, dict[str, list[int]]] = {}
+    context_model: bytes | None = None
+
+    def apply_contexts(self, snapshot: OutcomeSnapshot) -> list[ctx.Increment]:
+        """Take the snapshot's context-cell rows; returns what they add per row."""
+        return ctx.merge_rows(self.context_rows, snapshot.contexts) if snapshot.contexts else []
 
     def apply(self, snapshot: OutcomeSnapshot) -> Increments:
         """Take the snapshot's sources; returns what it added, per creative and placement.
@@ -224,16 +231,11 @@ def learn_increments(
     config: EngineConfig,
     prior_of: PriorOf,
     t: float | None,
-    contextual: bool = False,
-    audience: str = "",
 ) -> list[str]:
     """Feed a snapshot's increments to the key's engine; returns the alarms' reasons.
 
-    Call after ``state.apply(snapshot)``, with what it returned. With ``contextual``,
-    the key's Vowpal Wabbit model also learns them, per placement.
+    Call after ``state.apply(snapshot)``, with what it returned.
     """
-    if contextual:
-        _learn_contextual(state, increments, audience)
     engine = CreativeEngine.from_dict(state.engine) if state.engine is not None else None
     if engine is None or engine.config != config:
         # A rebuild from the totals (first snapshot of the key, or a new configuration)
@@ -259,48 +261,34 @@ def learn_increments(
     return reasons
 
 
-def _context(audience: str, placement: str) -> dict[str, str]:
-    # Per-impression context (device, hour) is aggregated away by the ingest stage;
-    # what reaches the worker is the audience and the placement.
-    return {"audience": audience, "placement": placement}
+def learn_contexts(
+    state: PosteriorState,
+    snapshot: OutcomeSnapshot,
+    setup: ctx.ContextSetup,
+    model: ContextualLearner | None = None,
+) -> ContextualLearner:
+    """Merge the snapshot's context-cell rows and teach the key's model what they add.
 
-
-def _learn_contextual(state: PosteriorState, increments: Increments, audience: str) -> None:
-    model = (
-        VowpalContextual.from_bytes(state.contextual) if state.contextual else VowpalContextual()
-    )
-    for creative_id in sorted(increments):
-        arm = model.add_arm(creative_id)
-        for placement, (imps, clicks) in sorted(increments[creative_id].items()):
-            context = _context(audience, placement)
-            # The logging propensity is aggregated away: the model's own current
-            # probability stands in for it.
-            propensity = model.serving_probabilities(context)[arm]
-            model.learn_counts(context, arm, clicks, max(imps - clicks, 0), propensity)
-    state.contextual = model.to_bytes()
-
-
-def placement_probabilities(
-    state: PosteriorState, audience: str, servable_ids: list[str], floor: float
-) -> dict[str, dict[str, float]]:
-    """The contextual model's serving distribution per placement seen for this key."""
-    if not state.contextual or not servable_ids:
-        return {}
-    model = VowpalContextual.from_bytes(state.contextual)
-    for creative_id in set(model.arm_ids) - set(servable_ids):
-        model.remove_arm(creative_id)
-    for creative_id in servable_ids:
-        model.add_arm(creative_id)
-    placements = sorted(
-        {pl for by_c in state.sources.values() for by_p in by_c.values() for pl in by_p}
-    )
-    out: dict[str, dict[str, float]] = {}
-    for placement in placements:
-        p = with_exploration_floor(
-            model.serving_probabilities(_context(audience, placement)), floor
-        )
-        out[placement] = {cid: float(p[i]) for i, cid in enumerate(model.arm_ids)}
-    return out
+    ``model``: the deserialized model of ``state`` when the caller kept it (the worker
+    caches models between snapshots); the returned model is the state's, already
+    written into ``state.context_model``.
+    """
+    if model is None:
+        model = ctx.load_model(state.context_model, setup.learner)
+        if (
+            state.context_model is None
+            or ctx.learner_kind(model) != setup.learner
+            or (not model.learned[0] and state.context_rows)
+        ):
+            # New, or another learner configured: it learns every row held so far.
+            model = ctx.make_learner(setup.learner)
+            ctx.relearn_totals(model, state.context_rows, setup.features_of)
+    increments = state.apply_contexts(snapshot)
+    if increments:
+        ctx.learn_rows(model, increments, setup.features_of)
+    if increments or state.context_model is None:
+        state.context_model = ctx.dumps(model)
+    return model
 
 
 def build_decision(
@@ -315,9 +303,14 @@ def build_decision(
     draws: int = 4000,
     engine_config: EngineConfig | None = None,
     prior_of: PriorOf | None = None,
-    contextual: bool = False,
+    context: ctx.ContextSetup | None = None,
+    context_model: ContextualLearner | None = None,
 ) -> Decision:
-    """Rank the servable creatives; non-servable ones with traffic follow, at probability 0."""
+    """Rank the servable creatives; non-servable ones with traffic follow, at probability 0.
+
+    ``context``: the contextual policy's setup; ``context_model``: the state's model
+    when the caller keeps it deserialized (else it is read from the state).
+    """
     config = engine_config or EngineConfig(exploration_floor=exploration_floor, draws=draws)
     if prior_of is None:
 
@@ -334,15 +327,28 @@ def build_decision(
     total_imps = sum(c.impressions for c in totals.values())
     placements: dict[str, dict[str, float]] = {}
     audience_probability: dict[str, float] = {}
-    if contextual:
-        placements = placement_probabilities(
-            state, audience, servable_ids, config.exploration_floor
+    compiled: ctx.Compiled | None = None
+    if context is not None and state.context_model and servable_ids:
+        by_placement = state.by_placement()
+        compiled = ctx.compile_policy(
+            context_model or ctx.load_model(state.context_model, context.learner),
+            state.context_rows,
+            sorted({pl for _, pl in by_placement}),
+            servable_ids,
+            context.features_of,
+            config.exploration_floor,
+            context.features,
         )
+        placements = compiled.placements
         if placements:
             # The audience-level share: placements weighted by their traffic.
-            traffic = {pl: c.impressions for (_, pl), c in state.by_placement().items()}
+            traffic: dict[str, int] = {}
+            for (_, pl), c in by_placement.items():
+                traffic[pl] = traffic.get(pl, 0) + c.impressions
             weights = {pl: traffic.get(pl, 0) for pl in placements}
-            norm = sum(weights.values()) or 1
+            if not any(weights.values()):
+                weights = dict.fromkeys(placements, 1)
+            norm = sum(weights.values())
             for placement, probs in placements.items():
                 for cid, prob in probs.items():
                     audience_probability[cid] = (
@@ -372,6 +378,8 @@ def build_decision(
                 traffic_share=counts.impressions / total_imps if total_imps else 0.0,
                 underperforming=row.verdict.underperforming,
                 reasons=list(row.verdict.reasons),
+                wins_in=compiled.wins.get(row.creative_id, []) if compiled else [],
+                context_effects=compiled.effects.get(row.creative_id, {}) if compiled else {},
             )
         )
     # Creatives with traffic that are not servable (paused, retired, or not yet
@@ -397,6 +405,7 @@ def build_decision(
         clicks=sum(c.clicks for c in totals.values()),
         updated_at=now,
         last_event_at=state.last_event_at,
-        policy="contextual" if contextual and placements else config.policy,
+        policy="contextual" if compiled is not None else config.policy,
         placements=placements,
+        contextual=compiled.policy if compiled is not None else None,
     )

@@ -36,6 +36,7 @@ from adloop.schemas.versioning import bump
 from adloop.streams import metrics
 from adloop.streams.auth import TokenStore, auth_middleware, principal_of
 from adloop.streams.config import Settings
+from adloop.streams.context import RequestCells
 from adloop.streams.follower import Follower
 from adloop.streams.kafka_io import producer_kwargs
 from adloop.streams.loop import audit
@@ -105,6 +106,8 @@ class SelectResponse(msgspec.Struct, kw_only=True):
     policy: str
     cold_start: bool
     decided_at: float
+    # The contextual policy's cell the request's context mapped to (None: not used).
+    context_cell: str | None = None
 
 
 class BestResponse(msgspec.Struct, kw_only=True):
@@ -170,6 +173,7 @@ class _Selection:
     probabilities: np.ndarray
     cold_start: bool
     policy: str
+    context_cell: str | None = None
 
 
 class ServingApi:
@@ -196,6 +200,8 @@ class ServingApi:
         self.audit_chain = AuditChain(writer, settings.audit_key_bytes())
         self._newest_decision_at = 0.0
         self.steering = Steering(self)
+        # The contextual policy's cells: a request's context -> the decision's entry.
+        self.context_cells = RequestCells(settings.privacy_policy())
 
     def _on_decision(self, decision: Decision) -> None:
         self.decisions[decision_key(decision.campaign, decision.audience)] = decision
@@ -256,13 +262,25 @@ class ServingApi:
 
     # -- selection -----------------------------------------------------------------
     def selection(
-        self, campaign: str, audience: str, placement: str | None = None
+        self,
+        campaign: str,
+        audience: str,
+        placement: str | None = None,
+        context: dict[str, Any] | None = None,
     ) -> _Selection | None:
         key = decision_key(campaign, audience)
         decision = self.decisions.get(key)
-        # The contextual policy publishes a distribution per placement.
+        # The contextual policy publishes a distribution per placement, and one per
+        # placement and context cell for requests with a context (streams/context.py).
+        cell = None
+        if context and decision is not None and decision.contextual is not None:
+            cell = self.context_cells.entry(decision.contextual, placement or "", context)
         by_placement = decision.placements.get(placement or "") if decision else None
+        if cell is not None:
+            by_placement = cell.probabilities
         cache_key = f"{key}|{placement}" if by_placement else key
+        if cell is not None:
+            cache_key = f"{cache_key}|{cell.cell}"
         version = (self.registry.version, decision.updated_at if decision else 0.0)
         cached = self._selections.get(cache_key)
         if cached is not None and cached.version == version:
@@ -275,6 +293,7 @@ class ServingApi:
         if by_placement and {c.creative_id for c in creatives} <= by_placement.keys():
             probabilities = np.array([by_placement[c.creative_id] for c in creatives])
             probabilities = probabilities / probabilities.sum()
+        served_cell = cell.cell if cell is not None and probabilities is not None else None
         if probabilities is None:
             probabilities = self._decision_probabilities(decision, creatives)
         if probabilities is None:
@@ -288,6 +307,7 @@ class ServingApi:
             probabilities,
             decision is None,
             decision.policy if decision else self.settings.policy,
+            served_cell,
         )
         self._selections[cache_key] = cached
         self._selections.move_to_end(cache_key)
@@ -373,7 +393,7 @@ class ServingApi:
                 f"campaign {body.campaign!r} has no registered creatives; "
                 "register some with POST /v1/creatives",
             )
-        chosen = self.selection(body.campaign, body.audience, body.placement)
+        chosen = self.selection(body.campaign, body.audience, body.placement, body.context)
         if chosen is None:
             return _error(
                 404,
@@ -409,6 +429,7 @@ class ServingApi:
                 policy=chosen.policy,
                 cold_start=chosen.cold_start,
                 decided_at=time.time(),
+                context_cell=chosen.context_cell,
             )
         )
 

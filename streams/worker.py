@@ -25,12 +25,14 @@ from adloop.bandit.priors import shrinkage_prior
 from adloop.schemas import Creative, OutcomeSnapshot, split_decision_key
 from adloop.streams import metrics
 from adloop.streams.config import Settings
+from adloop.streams.context import ModelCache, context_setup, load_model
 from adloop.streams.posterior import (
     DEFAULT_PRIOR_STRENGTH,
     PosteriorState,
     build_decision,
     decode_state,
     encode_state,
+    learn_contexts,
     learn_increments,
     prior_for,
 )
@@ -118,6 +120,12 @@ class PosteriorWorker:
         self._snapshot_decoder = msgspec.json.Decoder(OutcomeSnapshot)
         self._json = msgspec.json.Encoder()
         self.engine_config = settings.engine_config()
+        # ADLOOP_POLICY=contextual: the learner's setup, and the models of the keys
+        # seen lately (deserializing a Vowpal Wabbit model costs milliseconds).
+        self.context = (
+            context_setup(settings, self.registry) if settings.counts_context_cells else None
+        )
+        self._models = ModelCache()
         # Campaign-level counts per creative and audience, from the keys this worker
         # holds: where a creative new to an audience borrows its prior.
         self._campaign_counts: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
@@ -179,7 +187,8 @@ class PosteriorWorker:
             time.time(),
             engine_config=self.engine_config,
             prior_of=self.prior_of(campaign, audience),
-            contextual=self.settings.policy == "contextual",
+            context=self.context,
+            context_model=self._context_model(key, state),
         )
         metrics.DECISIONS.inc()
         if decision.last_event_at:
@@ -187,6 +196,17 @@ class PosteriorWorker:
                 max(0.0, decision.updated_at - decision.last_event_at)
             )
         return self._json.encode(decision)
+
+    def _context_model(self, key: str, state: PosteriorState) -> Any:
+        """The key's contextual model, kept deserialized between snapshots and decisions
+        (its last fit is the next one's starting point)."""
+        if self.context is None or state.context_model is None:
+            return None
+        model = self._models.get(key.encode(), state.context_model)
+        if model is None:
+            model = load_model(state.context_model, self.context.learner)
+            self._models.put(key.encode(), state.context_model, model)
+        return model
 
     async def _apply_outcomes(self, stream: Any) -> Any:
         # Decisions list the registered creatives: know them before the first one.
@@ -202,9 +222,12 @@ class PosteriorWorker:
                 self.engine_config,
                 self.prior_of(snapshot.campaign, snapshot.audience),
                 snapshot.last_event_at,
-                contextual=self.settings.policy == "contextual",
-                audience=snapshot.audience,
             )
+            if self.context is not None:
+                model = learn_contexts(
+                    state, snapshot, self.context, self._models.get(key, state.context_model)
+                )
+                self._models.put(key, state.context_model, model)
             for reason in alarms:
                 log.info(
                     "change detected",

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from adloop.bandit import EngineConfig
-from adloop.schemas import Creative, CreativeCounts, OutcomeSnapshot
+from adloop.schemas import ContextRow, Creative, CreativeCounts, OutcomeSnapshot
+from adloop.streams.context import ContextSetup
 from adloop.streams.posterior import (
     PosteriorState,
     build_decision,
     decode_state,
     encode_state,
+    learn_contexts,
     learn_increments,
-    placement_probabilities,
     prior_for,
 )
 
@@ -109,14 +110,17 @@ def test_decision_ranks_servable_creatives_and_keeps_retired_counts() -> None:
 
 
 def test_contextual_policy_learns_which_creative_suits_which_placement() -> None:
+    """Placement rows without context features (cell "-"), as the ingest sends them
+    when impressions carry no context: the model learns placement x creative."""
     config = EngineConfig(min_evidence=100)
+    setup = ContextSetup(learner="logistic_ts", features=("device",))
     state = PosteriorState()
     rng = np.random.default_rng(2)
     best = {"feed": "c1", "story": "c2"}
     cum: dict[str, dict[str, list[int]]] = {}
+    shown: dict[str, dict[str, float]] = {}
     for step in range(60):
         # Exposures follow the published distribution, as serving does.
-        shown = placement_probabilities(state, "students", ["c1", "c2"], 0.01)
         for placement, winner in best.items():
             probs = shown.get(placement, {"c1": 0.5, "c2": 0.5})
             exposures = rng.multinomial(100, [probs["c1"], probs["c2"]])
@@ -133,32 +137,41 @@ def test_contextual_policy_learns_which_creative_suits_which_placement() -> None
                     cid: {pl: CreativeCounts(*v) for pl, v in by.items()} for cid, by in cum.items()
                 }
             },
+            contexts={
+                0: [
+                    ContextRow("-", cid, pl, v[0], v[1])
+                    for cid, by in cum.items()
+                    for pl, v in by.items()
+                ]
+            },
             emitted_at=float(step),
             last_event_at=float(step),
         )
         increments = state.apply(snapshot)
-        learn_increments(
+        learn_increments(state, increments, config, lambda cid: prior_for(None), float(step))
+        learn_contexts(state, snapshot, setup)
+        decision = build_decision(
+            "spring",
+            "students",
             state,
-            increments,
-            config,
-            lambda cid: prior_for(None),
-            float(step),
-            contextual=True,
-            audience="students",
+            [CREATIVES["c1"], CREATIVES["c2"]],
+            CREATIVES,
+            np.random.default_rng(3),
+            now=100.0,
+            engine_config=config,
+            context=setup,
         )
-    decision = build_decision(
-        "spring",
-        "students",
-        state,
-        [CREATIVES["c1"], CREATIVES["c2"]],
-        CREATIVES,
-        np.random.default_rng(3),
-        now=100.0,
-        engine_config=config,
-        contextual=True,
-    )
+        shown = decision.placements
     assert decision.policy == "contextual"
     for placement, winner in best.items():
         assert decision.placements[placement][winner] > 0.9, decision.placements
-    # The model is in the table value and survives the state's msgpack round trip.
-    assert decode_state(encode_state(state)).contextual == state.contextual
+    # Every counted impression and click was learned once, and the model is in the
+    # table value: it survives the state's msgpack round trip.
+    assert decision.contextual is not None
+    assert decision.contextual.learned_impressions == sum(
+        v[0] for by in cum.values() for v in by.values()
+    )
+    assert decision.contextual.learned_clicks == sum(
+        v[1] for by in cum.values() for v in by.values()
+    )
+    assert decode_state(encode_state(state)).context_model == state.context_model
