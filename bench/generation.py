@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -155,6 +156,11 @@ def embedding_spread(texts: list[str]) -> float | None:
     vectors = model.encode(texts, normalize_embeddings=True)
     pairs = list(itertools.combinations(range(len(texts)), 2))
     return float(np.mean([1.0 - float(vectors[i] @ vectors[j]) for i, j in pairs]))
+
+
+def _progress(line: str) -> None:
+    # stderr, so a long run shows it is alive without mixing into the printed table.
+    print(line, file=sys.stderr, flush=True)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -444,6 +450,10 @@ def run(out: Path, options: GeneratorBenchOptions) -> dict[str, Any]:
                         embedding_spread=None if random_weights else embedding_spread(texts),
                     )
                     runs[name].append(result)
+                    _progress(
+                        f"{name}: {request.brief.product}: {result['seconds']:.1f} s, "
+                        f"{result['answers_passed']}/{result['answers']} answers passed"
+                    )
         raw: dict[str, dict[str, float]] = {}
         for name, generator in engines.items():
             engine = generator.engine

@@ -395,7 +395,11 @@ class _RowPolicy:
             if blocked:
                 row[blocked] = -math.inf
             view = self.views[r]
-            if view.end_bias > 0:
+            if not view.in_description and len(view.headline) < job.shape.min_headline_chars:
+                # No headline yet: ending now only writes an empty or two-letter ad.
+                row[self.rules.separator_ids] = -math.inf
+                row[self.rules.end_ids] = -math.inf
+            elif view.end_bias > 0:
                 row[self.rules.field_end_ids(view, job.shape)] += view.end_bias
         return scores
 
