@@ -435,7 +435,11 @@ def run(out: Path, options: GeneratorBenchOptions) -> dict[str, Any]:
                 loads[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 notes.append(f"{name} not measured: {type(exc).__name__}: {exc}")
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
-        for _ in range(repeats):
+        for repeat in range(repeats):
+            for generator in engines.values():  # a new sample each repeat, same per engine
+                generator.sampling = dataclasses.replace(
+                    generator.sampling, seed=options.seed + 101 * repeat
+                )
             for request in requests:
                 for name, generator in engines.items():  # interleaved: same load for all
                     if random_weights:

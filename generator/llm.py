@@ -464,6 +464,7 @@ class VariantGenerator:
         deadline = None if time_limit_s is None else started + time_limit_s
         engine = self.engine
         runs = [self._prepare(i, request, engine) for i, request in enumerate(requests)]
+        by_job = {id(run.job): run for run in runs}
         sink = _Sink(
             runs,
             self.sampling.similarity_threshold,
@@ -492,14 +493,22 @@ class VariantGenerator:
             if round_index == 0 and first and any(job.rows > first for job in jobs):
                 # A small first call, so the first passing variants stream out after a
                 # few decode steps of a few rows, not after the whole round (a step's
-                # cost grows with its rows on CPU); the rest follows at once.
-                rest = {id(job): job.rows - min(job.rows, first) for job in jobs}
+                # cost grows with its rows on CPU). The rest of the round is then sized
+                # on the pass rate those rows showed, not on the prior.
+                planned = {id(job): job.rows for job in jobs}
                 for job in jobs:
                     job.rows = min(job.rows, first)
                 engine.sample(jobs, self.sampling, round_seed, sink)
+                rest = []
                 for job in jobs:
-                    job.rows = rest[id(job)]
-                jobs = [job for job in jobs if job.rows > 0 and sink.job_open(job)]
+                    run = by_job[id(job)]
+                    run.outcome.sequences -= planned[id(job)] - job.rows
+                    missing = run.request.n_variants - len(run.accepted)
+                    if missing > 0 and not sink.interrupted():
+                        job.rows = self._rows_for(run.outcome, missing, 1)
+                        run.outcome.sequences += job.rows
+                        rest.append(job)
+                jobs = rest
                 round_seed = None if round_seed is None else round_seed + 500
             if jobs and not sink.interrupted():
                 engine.sample(jobs, self.sampling, round_seed, sink)
