@@ -458,17 +458,19 @@ def run(out: Path, options: GeneratorBenchOptions) -> dict[str, Any]:
                         f"{name}: {request.brief.product}: {result['seconds']:.1f} s, "
                         f"{result['answers_passed']}/{result['answers']} answers passed"
                     )
-        raw: dict[str, dict[str, float]] = {}
-        for name, generator in engines.items():
-            engine = generator.engine
-            messages = plan_prompt(requests[0], generator.limits).messages
-            prompt = engine.chat_prompt(messages, ANSWER_PREFIX)
-            raw[name] = {}
-            for rows in batch_sizes:
-                seconds = [
-                    engine.throughput(prompt, rows, new_tokens, options.seed + k) for k in range(2)
-                ]
-                raw[name][str(rows)] = rows * new_tokens / float(np.median(seconds))
+        raw: dict[str, dict[str, float]] = {name: {} for name in engines}
+        prompts = {
+            name: g.engine.chat_prompt(plan_prompt(requests[0], g.limits).messages, ANSWER_PREFIX)
+            for name, g in engines.items()
+        }
+        for rows in batch_sizes:
+            seconds: dict[str, list[float]] = {name: [] for name in engines}
+            for k in range(3):  # engines interleaved, median of three
+                for name, g in engines.items():
+                    t = g.engine.throughput(prompts[name], rows, new_tokens, options.seed + k)
+                    seconds[name].append(t)
+            for name in engines:
+                raw[name][str(rows)] = rows * new_tokens / float(np.median(seconds[name]))
         batched: dict[str, dict[str, Any]] = {}
         if cuda:
             for name, generator in engines.items():
