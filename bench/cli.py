@@ -312,21 +312,63 @@ def bench_contextual(
 
 
 @bench.command("generator")
-@click.option("--variants", type=int, default=8, show_default=True)
+@click.option("--variants", type=click.IntRange(1, 64), default=8, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="cpu or cuda[:N]; cuda fails with a clear message when there is no GPU",
+)
+@click.option(
+    "--engines",
+    default="transformers-fp32,transformers-bf16,ctranslate2-int8",
+    show_default=True,
+    help="comma-separated engines to compare",
+)
+@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True)
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="the same architectures with random weights (automatic without the real ones)",
+)
+@click.option("--quick", is_flag=True, help="2 briefs, 1 repeat, 4 variants (a smoke run)")
 @out_option
-def bench_generator(variants: int, threads: int, out: Path) -> None:
-    """Seconds per request, variants/s, pass rate, diversity; CTR scoring rate."""
+def bench_generator(
+    variants: int,
+    threads: int,
+    device: str,
+    engines: str,
+    repeats: int,
+    random_weights: bool,
+    quick: bool,
+    out: Path,
+) -> None:
+    """Engines side by side: seconds per request, first variant, tokens/s, variants/s,
+    pass rate, rejections, diversity; raw sampling speed; CTR scoring rate."""
     configure_logging("WARNING")
+    from adloop.bench.generation import ENGINES, BenchError, GeneratorBenchOptions, markdown
     from adloop.bench.generation import run as run_generation
 
-    s = run_generation(out, variants, threads)
-    click.echo(json.dumps({k: v for k, v in s.items() if k != "requests"}, indent=2))
-    for r in s["requests"]:
-        click.echo(
-            f"{r['product']}: {r['seconds']:.1f} s, {r['passed']}/{r['parsed']} passed, "
-            f"e.g. {r['examples'][:2]}"
-        )
+    names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if unknown := [n for n in names if n not in ENGINES]:
+        known = ", ".join(ENGINES)
+        raise click.UsageError(f"unknown engine(s) {', '.join(unknown)}; known: {known}")
+    options = GeneratorBenchOptions(
+        device=device,
+        engines=names,
+        n_variants=variants,
+        repeats=repeats,
+        threads=threads,
+        random_weights=random_weights,
+        quick=quick,
+    )
+    try:
+        result = run_generation(out, options)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(markdown(result))
+    click.echo(f"written to {out / 'generator.json'} and {out / 'generator.md'}")
 
 
 @click.command()

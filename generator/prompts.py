@@ -16,6 +16,20 @@ table), so a brief cannot change it. Inside the block:
 The model may still follow injected text (a 135M model does what it likes); the
 parse and filter stages guard the output: a fixed output format, forbidden terms,
 brand safety, PII, length and language rules (``generator.parsing``, ``generator.filters``).
+
+**Examples** (``plan_prompt``, prompt v2). A 135M model told the format in words mostly
+echoes the instructions; shown answers, it writes ads. The examples are the campaign's
+own winners when the request carries usable ones: earlier turns answer a fixed
+"Write an ad for this campaign." with them, and the last turn holds the data block and
+the task. A winner is usable when it already meets the output rules a variant must
+meet (field limits, no markup, template residue or angle brackets), so what enters an
+assistant turn is plain ad copy no different from what the model may itself write —
+and it is banned from being copied verbatim (``generator.decoding``). Without usable
+winners, one fixed worked example about another product stands in (English briefs
+only: an English example pulls other languages towards English). The answer format
+follows the examples: a description is asked for when they have one. Prompt v1 (two
+fixed examples, winners in the data block) was ~380 tokens and its examples were
+copied; v2 is 110-150 tokens (measured with SmolLM2's tokenizer on the bench briefs).
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ from adloop.schemas.records import ExampleCreative, GenerationRequest
 
 # Part of every generated creative's lineage: bump it whenever the text below or the
 # data block's layout changes, so results stay attributable to the prompt that made them.
-PROMPT_VERSION = "variants-v1"
+PROMPT_VERSION = "variants-v2"
 
 DATA_OPEN = "<data>"
 DATA_CLOSE = "</data>"
@@ -46,7 +60,7 @@ MAX_TERM_CHARS = 60
 MAX_TERMS = 10
 MAX_EXAMPLE_HEADLINE_CHARS = 90
 MAX_EXAMPLE_DESCRIPTION_CHARS = 150
-MAX_WINNERS = 2
+MAX_WINNERS = 3
 
 LANGUAGE_NAMES: dict[str, str] = {
     "en": "English",
@@ -98,11 +112,10 @@ SYSTEM_MESSAGE = (
 )
 
 
-# Worked examples shown as earlier turns of the conversation, for products unlike any
-# real brief. A 135M model told the format in words mostly echoes the instructions
-# ("at most 30 characters"); shown two answers, it writes ads (measured: about 10 of 16
-# answers usable instead of 1-2). Fixed text: no request data ever goes here. The
-# pipeline drops copies of these ads as duplicates (``EXAMPLE_ADS``).
+# Worked examples for requests without usable winners, about products unlike any real
+# brief (only the first is shown; the filters' copy check reads both). Fixed text: no
+# request data ever goes here. The pipeline drops copies of these ads as duplicates
+# (``EXAMPLE_ADS``), and decoding bans writing their headlines verbatim.
 FEW_SHOT: tuple[tuple[dict[str, Any], str, str], ...] = (
     (
         {
@@ -128,6 +141,14 @@ class PromptLimits:
 
     max_headline_chars: int = 30
     max_description_chars: int = 90
+
+
+# The fixed user turn each winner answers in the examples.
+EXAMPLE_REQUEST = "Write an ad for this campaign."
+# Characters that make a winner unusable as an example (the format rule's markup,
+# angle-bracket look-alikes, chat-template syntax).
+_NOT_AD_COPY = re.compile(r"[<>{}\[\]|\\@#*_~`]|[" + re.escape(_ANGLE_LIKE) + "]")
+_LABELS = re.compile(r"\b(?:headline|description|title)\s*:", re.IGNORECASE)
 
 
 def language_name(code: str) -> str:
@@ -163,8 +184,26 @@ def _example(creative: ExampleCreative) -> dict[str, Any]:
     return example
 
 
-def request_data(request: GenerationRequest) -> dict[str, Any]:
-    """The request's data as it goes into the prompt: cleaned, capped, nothing empty."""
+def usable_example(creative: ExampleCreative, limits: PromptLimits) -> tuple[str, str] | None:
+    """(headline, description) of a winner fit to be shown as an answer, else None:
+    within the limits, and plain ad copy (no markup, labels or chat syntax)."""
+    headline = clean_text(creative.headline, MAX_EXAMPLE_HEADLINE_CHARS)
+    description = clean_text(creative.description, MAX_EXAMPLE_DESCRIPTION_CHARS)
+    if not 3 <= len(headline) <= limits.max_headline_chars:
+        return None
+    if len(description) > limits.max_description_chars:
+        return None
+    for text in (headline, description):
+        if _NOT_AD_COPY.search(text) or _LABELS.search(text) or "…" in text:
+            return None
+    if not any(ch.isalpha() for ch in headline):
+        return None
+    return headline, description
+
+
+def request_data(request: GenerationRequest, include_winners: bool = True) -> dict[str, Any]:
+    """The request's data as it goes into the prompt: cleaned, capped, nothing empty.
+    ``include_winners=False`` when the winners are shown as example answers instead."""
     brief = request.brief
     data: dict[str, Any] = {"product": clean_text(brief.product, MAX_PRODUCT_CHARS)}
     if brief.key_message:
@@ -180,7 +219,7 @@ def request_data(request: GenerationRequest) -> dict[str, Any]:
         data["must_mention"] = [clean_text(t, MAX_TERM_CHARS) for t in brief.required_terms][
             :MAX_TERMS
         ]
-    if request.winners:
+    if request.winners and include_winners:
         # Best first, so the few that fit are the most useful examples.
         winners = sorted(request.winners, key=lambda w: -(w.ctr or 0.0))[:MAX_WINNERS]
         data["ads_that_work"] = [_example(w) for w in winners]
@@ -198,47 +237,87 @@ def data_block(data: dict[str, Any]) -> str:
 
 
 def task_message(
-    n_variants: int, language: str, limits: PromptLimits, has_underperformer: bool = False
+    language: str,
+    limits: PromptLimits,
+    has_underperformer: bool = False,
+    with_description: bool = True,
+    after_examples: bool = False,
 ) -> str:
     """The instructions after the data block: only integers, flags and a table lookup vary."""
-    if not 1 <= n_variants <= 64:
-        raise ValueError(f"n_variants must be 1..64, got {n_variants}")
-    ads = "a new ad" if n_variants == 1 else f"{n_variants} new ads, one per line,"
     away = ", different from ad_to_move_away_from" if has_underperformer else ""
+    # After examples, "a new ad" is enough: a sentence asking for something different
+    # was echoed into the ads ("Make it different from the previous ones"), and copies
+    # of the examples cannot be written anyway (generator.decoding).
+    again = ""
+    if with_description:
+        return (
+            f"Write a new ad in {language_name(language)} for this product and audience"
+            f"{away}. Headline: at most {limits.max_headline_chars} characters. "
+            f"Description: at most {limits.max_description_chars} characters.{again}\n"
+            f"Format: {OUTPUT_FORMAT}"
+        )
     return (
-        f"Write {ads} in {language_name(language)} for this product and audience{away}. "
-        f"Headline: at most {limits.max_headline_chars} characters. "
-        f"Description: at most {limits.max_description_chars} characters.\n"
-        f"Format: {OUTPUT_FORMAT}"
+        f"Write a new ad headline in {language_name(language)} for this product and "
+        f"audience{away}, at most {limits.max_headline_chars} characters.{again}\n"
+        f"Format: {ANSWER_PREFIX} ..."
     )
+
+
+def answer_text(headline: str, description: str, with_description: bool) -> str:
+    if with_description and description:
+        return f"{ANSWER_PREFIX} {headline} | Description: {description}"
+    return f"{ANSWER_PREFIX} {headline}"
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """The chat messages, whether the answer has a description, and the example
+    headlines the model must not copy."""
+
+    messages: list[dict[str, str]]
+    with_description: bool
+    example_headlines: tuple[str, ...]
+
+
+def plan_prompt(request: GenerationRequest, limits: PromptLimits | None = None) -> PromptPlan:
+    """The prompt for one answer (one ad) to ``request`` (see the module docstring)."""
+    limits = limits or PromptLimits()
+    language = request.brief.language
+    language_name(language)  # validates the code before anything is built
+    winners = sorted(request.winners, key=lambda w: -(w.ctr or 0.0))
+    examples = [e for w in winners if (e := usable_example(w, limits))][:MAX_WINNERS]
+    messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM_MESSAGE}]
+    underperformer = request.underperformer is not None
+    if examples:
+        with_description = any(description for _, description in examples)
+        for headline, description in examples:
+            messages += [
+                {"role": "user", "content": EXAMPLE_REQUEST},
+                {"role": "assistant", "content": answer_text(headline, description, True)},
+            ]
+        data = request_data(request, include_winners=False)
+        task = task_message(language, limits, underperformer, with_description, True)
+        messages.append({"role": "user", "content": f"{data_block(data)}\n\n{task}"})
+        return PromptPlan(messages, with_description, tuple(h for h, _ in examples))
+    shown: tuple[str, ...] = ()
+    if language == "en":
+        example_data, headline, description = FEW_SHOT[0]
+        messages += [
+            {
+                "role": "user",
+                "content": f"{data_block(example_data)}\n\n{task_message('en', limits)}",
+            },
+            {"role": "assistant", "content": answer_text(headline, description, True)},
+        ]
+        shown = tuple(h for h, _ in EXAMPLE_ADS)
+    task = task_message(language, limits, underperformer)
+    data = request_data(request)
+    messages.append({"role": "user", "content": f"{data_block(data)}\n\n{task}"})
+    return PromptPlan(messages, True, shown)
 
 
 def build_messages(
-    request: GenerationRequest,
-    n_variants: int = 1,
-    limits: PromptLimits | None = None,
+    request: GenerationRequest, limits: PromptLimits | None = None
 ) -> list[dict[str, str]]:
-    """Chat messages asking for ``n_variants`` ads in one answer (one per line)."""
-    limits = limits or PromptLimits()
-    task = task_message(
-        n_variants,
-        request.brief.language,
-        limits,
-        has_underperformer=request.underperformer is not None,
-    )
-    user = f"{data_block(request_data(request))}\n\n{task}"
-    examples: list[dict[str, str]] = []
-    for data, headline, description in FEW_SHOT:
-        example_task = task_message(1, "en", limits)
-        examples += [
-            {"role": "user", "content": f"{data_block(data)}\n\n{example_task}"},
-            {
-                "role": "assistant",
-                "content": f"{ANSWER_PREFIX} {headline} | Description: {description}",
-            },
-        ]
-    return [
-        {"role": "system", "content": SYSTEM_MESSAGE},
-        *examples,
-        {"role": "user", "content": user},
-    ]
+    """Chat messages asking for one ad (see ``plan_prompt``)."""
+    return plan_prompt(request, limits).messages

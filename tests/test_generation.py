@@ -71,25 +71,41 @@ def split_user(content: str) -> tuple[str, str, str]:
 
 
 def test_prompt_holds_the_request_as_json_data_and_a_fixed_task() -> None:
+    winner = ExampleCreative(
+        creative_id="w1", headline="Run more, pay less", description="Light shoes.", ctr=0.03
+    )
     request = make_request(
-        winners=[ExampleCreative(creative_id="w1", headline="Run more, pay less", ctr=0.03)],
+        winners=[winner],
         underperformer=ExampleCreative(creative_id="u1", headline="Buy shoes now"),
         language="de",
     )
     messages = build_messages(request)
-    assert PROMPT_VERSION
+    assert PROMPT_VERSION == "variants-v2"
     assert messages[0] == {"role": "system", "content": SYSTEM_MESSAGE}
+    # The campaign's winner is the worked example: a fixed request, answered with it.
+    assert messages[1:3] == [
+        {"role": "user", "content": "Write an ad for this campaign."},
+        {
+            "role": "assistant",
+            "content": "Headline: Run more, pay less | Description: Light shoes.",
+        },
+    ]
     assert messages[-1]["role"] == "user"
     before, block, after = split_user(user_message(messages))
     assert before == ""
     data = json.loads(block)
     assert data["product"] == "TrailRun running shoes"
     assert data["audience"] == "university students"
-    assert data["ads_that_work"] == [{"headline": "Run more, pay less", "ctr": 0.03}]
+    assert "ads_that_work" not in data  # shown as the example instead
     assert data["ad_to_move_away_from"] == {"headline": "Buy shoes now"}
     assert "in German" in after and "ad_to_move_away_from" in after
     assert "Headline: ... | Description: ..." in after
     assert "at most 30 characters" in after
+    # Without usable winners they stay data, and a fixed example shows the format.
+    fallback = build_messages(
+        make_request(winners=[ExampleCreative(creative_id="w", headline="x" * 60)])
+    )
+    assert json.loads(split_user(user_message(fallback))[1])["ads_that_work"][0]["headline"]
 
 
 def test_forbidden_terms_stay_out_of_the_prompt() -> None:
