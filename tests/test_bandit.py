@@ -540,6 +540,8 @@ def test_bandit_does_no_io() -> None:
         "re",
         # In-memory model library (the contextual policy); no files, no network.
         "vowpal_wabbit_next",
+        # Serialization of fitted states (bytes in, bytes out): no files, no network.
+        "msgspec",
         "dataclasses",
         "math",
         "numbers",
