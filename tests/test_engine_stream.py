@@ -148,9 +148,11 @@ def test_contextual_policy_serves_by_placement(make_stack) -> None:
     _wait_counted(stack, {"c1": 2000, "c2": 2000}, clicks)
     decision = stack.decision("spring", "students")
     assert decision["policy"] == "contextual"
-    assert decision["placements"]["feed"]["c1"] > 0.9
-    assert decision["placements"]["story"]["c2"] > 0.9
+    # The better creative per placement gets most traffic; a learning share and the
+    # floor keep exploring the other, more with the Thompson learner's posterior width.
+    assert decision["placements"]["feed"]["c1"] > 0.75
+    assert decision["placements"]["story"]["c2"] > 0.75
     assert stack.api is not None
     for placement, winner in (("feed", "c1"), ("story", "c2")):
         chosen = [stack.api("spring", "students", placement)["creative_id"] for _ in range(100)]
-        assert chosen.count(winner) >= 80, (placement, chosen)
+        assert chosen.count(winner) >= 60, (placement, chosen)
