@@ -130,7 +130,7 @@ def test_cells_past_the_cap_count_as_other_and_survive_a_restart(tmp_path: Path)
     for i, device in enumerate(["a", "b", "c", "d", "a"]):
         state.add_impression(_imp(i, {"device": device}), i, NOW)
     # The checkpoint: state and offsets in one batch.
-    db.write(state.write_batch({"impressions": 5}))
+    db.write(state.write_batch({"impressions": 5}).batch)
     state.committed()
     assert _rows(state) == {
         ("device=a", "c1"): (2, 0),
@@ -165,7 +165,7 @@ def test_snapshots_carry_changed_rows_and_now_and_then_all(tmp_path: Path) -> No
     state.add_impression(_imp(1, {"device": "b"}), 1, NOW)
     first = state.contexts.snapshot_rows("spring|students", now=100.0)
     assert len(first) == 2  # the key's first snapshot carries all its rows
-    db.write(state.write_batch({"impressions": 2}))
+    db.write(state.write_batch({"impressions": 2}).batch)
     state.committed()
     state.add_impression(_imp(2, {"device": "b"}), 2, NOW)
     changed = state.contexts.snapshot_rows("spring|students", now=101.0)
