@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from adloop.schemas import Brief, ExampleCreative, GenerationRequest
@@ -477,7 +478,9 @@ def run(out: Path, options: GeneratorBenchOptions) -> dict[str, Any]:
                 batched[name] = {}
                 for rows in batch_sizes[1:]:
                     many = [
-                        dataclasses.replace(requests[k % len(requests)], request_id=f"batch-{k}")
+                        msgspec.structs.replace(
+                            requests[k % len(requests)], request_id=f"batch-{k}"
+                        )
                         for k in range(max(1, rows // 16))
                     ]
                     t0 = time.perf_counter()
