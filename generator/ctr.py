@@ -17,8 +17,9 @@ and the layer's keys and values do not depend on dropout, so the K passes comput
 keys, values and attention probabilities once and then run dropout, the attention
 output and the feed-forward block for one position, K × batch rows in one call
 (``_mc_top_layer``): the same MC-dropout distribution as re-running the whole layer,
-for a few per cent of a forward pass instead of (6 + 8) / 6 ≈ 2.3× (measured on one
-core: 183 → ~600 sequences/s with std, see ``adloop bench generator``). The raw MC
+for a few per cent of a forward pass instead of (6 + 8) / 6 ≈ 2.3× (one core, 32
+tokens, bf16: 548-576 sequences/s with the std, 619-702 without, in ``adloop bench
+generator``; the previous scorer side by side at load ~4: 46 with the std). The raw MC
 spread understates the error of a fine-tuned model, so training measures the
 model's error on the validation split and stores a ``std_scale`` in the model card
 (see ``train_ctr.uncertainty_scale``). The untrained model knows nothing beyond the

@@ -567,7 +567,7 @@ class CTranslate2Engine(Engine):
                 follow_ups.append(head)
         if follow_ups and not sink.interrupted() and sink.job_open(job):
             starts = [h.ids + self._separator_ids + self._label_ids for h in follow_ups]
-            desc_budget = max(1, self.token_budget(shape, sampling.max_new_tokens) - budget)
+            desc_budget = max(1, min(sampling.max_new_tokens, shape.max_description_chars + 4))
             tails = self._decode(job, starts, "description", desc_budget, sampling, rng, sink)
             for head, tail in zip(follow_ups, tails, strict=True):
                 tokens += len(tail.ids)

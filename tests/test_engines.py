@@ -400,6 +400,8 @@ def test_bench_generator_runs_with_random_weights_and_refuses_a_missing_gpu(
     for summary in report["engines"].values():
         assert summary["seconds_per_request_p50"] > 0 and summary["tokens_per_s"] > 0
     assert report["ctr_scoring_seq_per_s"]["with_std"] > 0
+    batched = report["batched_requests"]["ctranslate2-int8"]["4"]
+    assert batched["answers_per_s"] > 0 and batched["tokens_per_s"] > 0
     assert report["auto"]["engine"] in {
         "ctranslate2-int8",
         "transformers-bf16",
