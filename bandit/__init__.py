@@ -2,7 +2,8 @@
 
 * :mod:`bandit.beta`        exact Beta-Bernoulli posteriors (the stream's counts);
 * :mod:`bandit.policies`    Thompson (stationary / discounted), KL-UCB, ε-greedy, uniform;
-* :mod:`bandit.contextual`  contextual policy on Vowpal Wabbit ``cb_explore_adf``;
+* :mod:`bandit.contextual`  contextual learners' interface, Vowpal Wabbit ``cb_explore_adf``;
+* :mod:`bandit.linear_ts`   contextual Thompson sampling on a Bayesian logistic model;
 * :mod:`bandit.analysis`    P(best), expected loss, labels, exploration guard;
 * :mod:`bandit.detect`      CUSUM change detector and underperformance verdicts;
 * :mod:`bandit.priors`      empirical-Bayes priors for new audiences;

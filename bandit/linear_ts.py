@@ -35,11 +35,11 @@ the worker's table next to the counts it learned.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import msgspec
 import numpy as np
 from scipy.special import log_ndtr
 
@@ -52,22 +52,6 @@ Features = Mapping[str, str | int | float | bool]
 _GH_X, _GH_W = np.polynomial.hermite.hermgauss(48)
 _GH_Z = _GH_X * math.sqrt(2.0)
 _GH_W = _GH_W / math.sqrt(math.pi)
-
-
-class _State(msgspec.Struct, array_like=True):
-    names: list[str]
-    m: bytes  # the last fit (a warm start)
-    arm_ids: list[str]
-    arm_features: dict[str, dict[str, float]]
-    config: dict[str, float]
-    learned: list[float]  # [impressions, clicks] learned
-    # Sufficient statistics: (context items, creative, impressions, clicks) per row.
-    stats: list[tuple[list[str], str, float, float]]
-    fitted: bool
-
-
-_encode_state = msgspec.msgpack.Encoder().encode
-_decode_state = msgspec.msgpack.Decoder(_State).decode
 
 
 def _item(key: str, value: Any) -> str:
@@ -516,38 +500,42 @@ class LogisticThompson:
 
     # -- state -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        """A JSON header (features, creatives, counts, priors) and the fitted weights."""
         n = len(self.names)
-        return _encode_state(
-            _State(
-                names=self.names,
-                m=self.m[:n].astype(np.float64).tobytes(),
-                arm_ids=self.arm_ids,
-                arm_features=self.arm_features,
-                config=self.config,
-                learned=self.learned,
-                stats=[(list(items), arm, r[0], r[1]) for (items, arm), r in self.stats.items()],
-                fitted=self._fitted,
-            )
-        )
+        header = json.dumps(
+            {
+                "names": self.names,
+                "arm_ids": self.arm_ids,
+                "arm_features": self.arm_features,
+                "config": self.config,
+                "learned": self.learned,
+                # Sufficient statistics: (context items, creative, impressions, clicks).
+                "stats": [[list(items), arm, r[0], r[1]] for (items, arm), r in self.stats.items()],
+                "fitted": self._fitted,
+            },
+            separators=(",", ":"),
+        ).encode()
+        return len(header).to_bytes(4, "big") + header + self.m[:n].astype("<f8").tobytes()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LogisticThompson:
-        state = _decode_state(raw)
-        model = cls(**state.config)  # type: ignore[arg-type]
-        model.arm_features = {k: dict(v) for k, v in state.arm_features.items()}
+        size = int.from_bytes(raw[:4], "big")
+        state = json.loads(raw[4 : 4 + size])
+        model = cls(**state["config"])
+        model.arm_features = {k: dict(v) for k, v in state["arm_features"].items()}
         # Features in their stored order; priors are a function of the name.
-        for name in state.names:
+        for name in state["names"]:
             model._feature(name)
-        fitted = np.frombuffer(state.m, dtype=np.float64)
+        fitted = np.frombuffer(raw[4 + size :], dtype="<f8")
         model.m[: fitted.size] = fitted
-        model.arm_ids = list(state.arm_ids)
-        model.learned = list(state.learned)
-        model.stats = {(tuple(items), arm): [n, k] for items, arm, n, k in state.stats}
+        model.arm_ids = list(state["arm_ids"])
+        model.learned = list(state["learned"])
+        model.stats = {(tuple(items), arm): [n, k] for items, arm, n, k in state["stats"]}
         # The variances follow from the fit: recomputed on first use (from the stored
         # weights when they were the fit of these counts, else by fitting again from
         # them as a warm start).
         model._fitted = not model.stats
-        model._restored_fit = bool(state.fitted and model.stats)
+        model._restored_fit = bool(state["fitted"] and model.stats)
         return model
 
 

@@ -415,6 +415,7 @@ class OpeReport:
     # Contextual minus context-free adloop, paired on the same rounds.
     contextual_vs_free: list[Estimate] = field(default_factory=list)
     contextual_seconds: float = 0.0
+    contextual_refresh: int = 0  # rounds of an audience between refits
     diagnostics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     note: str = ""
@@ -439,6 +440,7 @@ class OpeReport:
             "contextual": [est(e) for e in self.contextual],
             "contextual_vs_free": [est(e) for e in self.contextual_vs_free],
             "contextual_seconds": self.contextual_seconds,
+            "contextual_refresh": self.contextual_refresh,
             "diagnostics": self.diagnostics,
             "seconds": self.seconds,
             "note": self.note,
@@ -529,6 +531,7 @@ def run_obd_ope(
             for e in estimate_policy(random_log, dist, q)
         ]
         report.contextual_vs_free = paired_difference(random_log, dist, context_free, q)
+        report.contextual_refresh = contextual_refresh
         report.contextual_seconds = time.perf_counter() - t0
     report.seconds = time.perf_counter() - started
     return report

@@ -302,6 +302,16 @@ def run_all(out: Path, quick: bool = False, broker: str | None = None) -> bool:
     comparison = stage("bandit comparison", bandits)
     results["bandits"] = comparison if comparison is not None else "not available"
 
+    def contextual() -> Any:
+        from adloop.bench.contextual import margins, run_simulation
+
+        simulation = run_simulation(30_000 if quick else 100_000, seeds=1, progress=log.info)
+        return {"simulation": simulation, "margins": margins(simulation)}
+
+    contextual_sim = stage("contextual policy (simulator)", contextual)
+    if contextual_sim is not None:
+        results["contextual"] = contextual_sim
+
     total = time.monotonic() - started
     results.update(seconds=total, stage_seconds=timings, failures=failures)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -513,6 +523,19 @@ def _markdown(
         lines.append("")
     else:
         lines += ["```", str(comparison)[:4000], "```", ""]
+    if "contextual" in results:
+        from adloop.bench.contextual import markdown as contextual_markdown
+
+        lines += ["## 6. The contextual policy (simulator)", ""]
+        for line in contextual_markdown(results["contextual"]):
+            if line.startswith("# "):
+                continue
+            lines.append(f"##{line}" if line.startswith("#") else line)
+        lines += [
+            "One seed here; `adloop bench contextual` runs more seeds, the ingest cost, the "
+            "spine ratio on impressions with a context and `select` latency with a context.",
+            "",
+        ]
     lines += ["## Stage timings", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
     lines.append("")
@@ -574,7 +597,8 @@ def _ope_markdown(ope: Any) -> list[str]:
             "sampling) on the same log, learning from every earlier round as above: one model "
             "per audience, the position as placement, the cell of `user_feature_1` × "
             "`user_feature_2`, the items' categorical features as creative features; refitted "
-            "every 50 rounds of its audience and after each click; the 1 % floor. Below it, "
+            f"every {ope.contextual_refresh} rounds of its audience and after each click; the "
+            "1 % floor. Below it, "
             "contextual minus context-free on the same rounds (paired: the interval of the "
             "per-round differences). The BTS rows above are the only policy with an observed "
             "ground truth; no log of these two policies exists.",
