@@ -332,11 +332,17 @@ class PartitionState:
         return None
 
     # -- event application: the join's outcome, counted ------------------------------------
-    def add_impression(self, imp: Impression, offset: int, now_wall: float | None) -> str | None:
+    def add_impression(
+        self,
+        imp: Impression,
+        offset: int,
+        now_wall: float | None,
+        arrival_watermark: float | None = None,
+    ) -> str | None:
         """Apply an impression; returns a dead-letter reason code or None (counted)."""
         contexts = self.contexts
         cell = contexts.cell(imp) if contexts is not None else ""
-        code = self._join_impression(imp, now_wall, offset, cell)
+        code = self._join_impression(imp, now_wall, offset, cell, arrival_watermark)
         if code is None:
             self._bump(imp, imp.timestamp).impressions += 1
             if contexts is not None:
@@ -495,7 +501,10 @@ class Ingest:
         self._commit_failed = False
         # Impressions naming a creative this process has not seen yet: it may have
         # been registered a moment ago, so they wait for a registry sync.
-        self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Impression, float]] = []
+        # (state, source, record, impression, wall time and partition watermark when read)
+        self._unresolved: list[
+            tuple[PartitionState, TopicPartition, Any, Impression, float, float]
+        ] = []
         self._exported: dict[tuple[str, str], int] = {}
         self._next_gauges = 0.0
 
@@ -686,8 +695,10 @@ class Ingest:
                 )
                 return False
             pending, self._unresolved = self._unresolved, []
-            for state, tp, record, imp, now_wall in pending:
-                self._on_impressions(state, tp, record, imp, now_wall, final=True)
+            for state, tp, record, imp, now_wall, watermark in pending:
+                self._on_impressions(
+                    state, tp, record, imp, now_wall, final=True, arrival_watermark=watermark
+                )
 
     def _on_impressions(
         self,
@@ -697,6 +708,7 @@ class Ingest:
         imp: Impression,
         now_wall: float,
         final: bool = False,
+        arrival_watermark: float | None = None,
     ) -> None:
         if not is_safe_token(imp.audience):
             self.dead_letter(
@@ -710,7 +722,7 @@ class Ingest:
         creative = self.registry.get(imp.creative_id)
         if creative is None or creative.campaign != imp.campaign:
             if not final:
-                self._unresolved.append((state, tp, record, imp, now_wall))
+                self._unresolved.append((state, tp, record, imp, now_wall, state.watermark))
                 return
             if not self.registry.has_campaign(imp.campaign):
                 self.dead_letter(
@@ -731,7 +743,7 @@ class Ingest:
         if code is not None:
             self.dead_letter(tp, record, code, self._limit_reason(code, imp))
             return
-        code = state.add_impression(imp, record.offset, now_wall)
+        code = state.add_impression(imp, record.offset, now_wall, arrival_watermark)
         if code is not None:
             reason = state.join.reason(
                 code,

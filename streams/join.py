@@ -349,11 +349,19 @@ class Join:
 
     # -- impressions -----------------------------------------------------------------------
     def add_impression(
-        self, imp: Impression, now_wall: float | None, offset: int = 0, cell: str = ""
+        self,
+        imp: Impression,
+        now_wall: float | None,
+        offset: int = 0,
+        cell: str = "",
+        arrival_watermark: float | None = None,
     ) -> str | None:
         """Count an impression: None, or the reason code it is not counted. Then, if
         ``has_parked(imp.impression_id)``, call ``take_released`` for its early clicks.
-        ``cell``: its context cell, kept on the record for its clicks."""
+        ``cell``: its context cell, kept on the record for its clicks.
+        ``arrival_watermark``: the partition's watermark when the impression was read,
+        for one applied later (it waited for the creative registry): it is judged as
+        it would have been then, not against impressions read after it."""
         timestamp = imp.timestamp
         if now_wall is not None and not (
             timestamp - now_wall <= self._skew and now_wall - timestamp <= self._max_age
@@ -366,8 +374,9 @@ class Join:
             return DUPLICATE_IMPRESSION_ID
         bucket = int(timestamp // bucket_s)
         watermark = store.watermark
+        seen = watermark if arrival_watermark is None else min(watermark, arrival_watermark)
         # At or after the watermark it is retained; only an older one needs the horizon.
-        if timestamp < watermark and bucket <= self.horizon():
+        if timestamp < seen and bucket <= self.horizon():
             return EXPIRED_IMPRESSION
         self._add(
             imp.impression_id,
@@ -383,7 +392,7 @@ class Join:
             ),
             bucket,
         )
-        self._watermark_before = watermark
+        self._watermark_before = seen
         if timestamp > watermark:
             store.watermark = timestamp
         return None
