@@ -205,6 +205,7 @@ class _Sink:
         self.threshold = threshold
         self.started = started
         self.deadline = deadline
+        self.deadline_hit = False
         self.stop = stop
         self.on_accept = on_accept
 
@@ -238,7 +239,12 @@ class _Sink:
         return len(run.accepted) < run.request.n_variants
 
     def interrupted(self) -> bool:
-        return self.stop() or (self.deadline is not None and time.perf_counter() >= self.deadline)
+        if self.stop():
+            return True
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.deadline_hit = True  # reported as GenerationOutcome.deadline_reached
+            return True
+        return False
 
 
 class VariantGenerator:
@@ -519,6 +525,7 @@ class VariantGenerator:
         for run in runs:
             outcome = run.outcome
             outcome.cancelled = outcome.sequences - outcome.screened
+            outcome.deadline_reached = sink.deadline_hit
             outcome.surplus = max(0, len(run.accepted) - run.request.n_variants)
             outcome.variants = run.accepted[: run.request.n_variants]
             outcome.seconds = elapsed

@@ -460,8 +460,16 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # flush; the lock makes the two flushes run one after the other.
         async with self.ingest.flush_lock:
             await self.ingest.flush_now()
-            for p in {tp.partition for tp in revoked}:
+            gone = {tp.partition for tp in revoked}
+            for p in gone:
                 self.ingest.states.pop(p, None)
+                self.ingest._held.discard(p)
+                self.ingest._hold_from.pop(p, None)
+            # Records waiting for the registry go with their partition: its next owner
+            # reads them again from the checkpoint.
+            self.ingest._unresolved = [
+                u for u in self.ingest._unresolved if u[1].partition not in gone
+            ]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.ingest.on_assigned(assigned)
@@ -501,10 +509,13 @@ class Ingest:
         self._commit_failed = False
         # Impressions naming a creative this process has not seen yet: it may have
         # been registered a moment ago, so they wait for a registry sync.
-        # (state, source, record, impression, wall time and partition watermark when read)
-        self._unresolved: list[
-            tuple[PartitionState, TopicPartition, Any, Impression, float, float]
-        ] = []
+        # (state, source, record, event, wall time and partition watermark when read),
+        # in the order read; _held: partitions whose records wait behind one of them.
+        self._unresolved: list[tuple[PartitionState, TopicPartition, Any, Any, float, float]] = []
+        self._held: set[int] = set()
+        # Per held partition and role, the offset of its first waiting record: a flush
+        # forced meanwhile (a rebalance) checkpoints no further.
+        self._hold_from: dict[int, dict[str, int]] = {}
         self._exported: dict[tuple[str, str], int] = {}
         self._next_gauges = 0.0
 
@@ -677,6 +688,12 @@ class Ingest:
                     reason = state.join.reason(KEY_MISMATCH, event.impression_id, key=record.key)
                     self.dead_letter(tp, record, KEY_MISMATCH, reason)
                     continue
+                if tp.partition in self._held:
+                    # Behind an impression that waits for the registry: everything of
+                    # its partition waits too, and is applied in the order it was read.
+                    self._unresolved.append((state, tp, record, event, now_wall, state.watermark))
+                    self._hold_from.setdefault(tp.partition, {}).setdefault(role, record.offset)
+                    continue
                 handler(state, tp, record, event, now_wall)
             pending[role] = records[-1].offset + 1
 
@@ -695,10 +712,15 @@ class Ingest:
                 )
                 return False
             pending, self._unresolved = self._unresolved, []
-            for state, tp, record, imp, now_wall, watermark in pending:
-                self._on_impressions(
-                    state, tp, record, imp, now_wall, final=True, arrival_watermark=watermark
-                )
+            self._held.clear()
+            self._hold_from.clear()
+            for state, tp, record, event, now_wall, watermark in pending:
+                if type(event) is Impression:
+                    self._on_impressions(
+                        state, tp, record, event, now_wall, final=True, arrival_watermark=watermark
+                    )
+                else:
+                    self._on_attribution(state, tp, record, event, now_wall)
 
     def _on_impressions(
         self,
@@ -723,6 +745,10 @@ class Ingest:
         if creative is None or creative.campaign != imp.campaign:
             if not final:
                 self._unresolved.append((state, tp, record, imp, now_wall, state.watermark))
+                self._held.add(tp.partition)
+                self._hold_from.setdefault(tp.partition, {}).setdefault(
+                    "impressions", record.offset
+                )
                 return
             if not self.registry.has_campaign(imp.campaign):
                 self.dead_letter(
@@ -918,6 +944,11 @@ class Ingest:
         dlq = self.settings.topic("dead_letter")
         for key, value in self._dead:
             futures.append(await self._producer.send(dlq, value, key=key))
+        for p, first_waiting in self._hold_from.items():
+            offsets = self._pending_offsets.get(p)
+            if offsets is not None:
+                for role, offset in first_waiting.items():
+                    offsets[role] = min(offsets.get(role, offset), offset)
         batches = {
             p: state.write_batch(offsets)
             for p, offsets in self._pending_offsets.items()

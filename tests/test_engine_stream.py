@@ -91,6 +91,10 @@ def make_stack(settings: Settings) -> Iterator:
     stacks: list[Stack] = []
 
     def make(**overrides: object) -> Stack:
+        # A second of event time per impression: a click fetched a few polls before its
+        # impression would have "waited" minutes of event time. The click wait (in event
+        # time) must cover the compressed stream, as it covers real delays in production.
+        overrides = {"click_wait_s": 3000.0, "attribution_window_s": 7200.0, **overrides}
         stack = Stack(settings.with_overrides(**overrides)).start()
         stack.register(
             Creative(creative_id="c1", campaign="spring", headline="Spring sale: 30% off"),
