@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,26 @@ def test_a_killed_role_is_restarted_and_the_stack_keeps_counting(settings: Setti
         assert '"restarts": 1' in status_file.read_text()
     finally:
         stack.stop()
+
+
+def test_several_processes_of_a_role_get_their_own_instance_port_and_state(
+    tmp_path: Path,
+) -> None:
+    from adloop.streams.supervisor import ROLES, Supervisor, instances, split_instance
+
+    assert instances(ROLES, 1) == ROLES
+    assert instances(("ingest", "serve"), 2) == ("ingest-1", "ingest-2", "serve-1", "serve-2")
+    assert split_instance("ingest-2") == ("ingest", 2) and split_instance("worker") == ("worker", 0)
+    with pytest.raises(ValueError):
+        split_instance("ingest-0")
+    settings = Settings(data_dir=tmp_path, api_port=9100, metrics_port_base=9200)
+    sup = Supervisor(settings, roles=instances(ROLES, 2))
+    env = {name: sup._env(name) for name in sup.roles}
+    assert [env[f"serve-{n}"]["ADLOOP_API_PORT"] for n in (1, 2)] == ["9100", "9101"]
+    assert sup.serving() == ["serve-1", "serve-2"] and sup.api_port("serve-2") == 9101
+    assert env["ingest-1"]["ADLOOP_INSTANCE"] == "1" and env["worker-2"]["ADLOOP_INSTANCE"] == "2"
+    ports = {env[n]["ADLOOP_METRICS_PORT"] for n in sup.roles if not n.startswith("serve")}
+    assert len(ports) == 4  # one /metrics port per process
+    child = Settings(data_dir=tmp_path, instance=env["ingest-2"]["ADLOOP_INSTANCE"])
+    assert child.state_dir("ingest") == tmp_path / "ingest-2"
+    assert Settings(data_dir=tmp_path).state_dir("ingest") == tmp_path / "ingest"
