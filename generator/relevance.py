@@ -21,9 +21,8 @@ local directory: nothing is downloaded. torch and transformers are imported by
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,23 +76,6 @@ def variant_text(variant: Variant) -> str:
     return ". ".join(p.strip() for p in (variant.headline, variant.description) if p.strip())
 
 
-@contextlib.contextmanager
-def _cpu_threads(threads: int | None, device: str) -> Iterator[None]:
-    """torch's thread count for one call: two OpenMP threads on two shared cores can be
-    much slower than one."""
-    if threads is None or not device.startswith("cpu"):
-        yield
-        return
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @dataclass
 class SentenceEncoder:
     """all-MiniLM-L6-v2 as sentence-transformers runs it (mean of the token embeddings
@@ -138,8 +120,11 @@ class SentenceEncoder:
         """(len(texts), 384) float32 unit vectors, in batches of ``batch_size``."""
         import torch
 
+        # The generator's engines set torch's threads the same way (one place).
+        from adloop.generator.engines import cpu_threads
+
         vectors: list[np.ndarray] = []
-        with _cpu_threads(self.threads, self.device), torch.inference_mode():
+        with cpu_threads(self.threads, self.device), torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = list(texts[start : start + self.batch_size])
                 tokens = self.tokenizer(
