@@ -42,9 +42,13 @@ class _FetchWaitConsumerThread(AIOKafkaConsumerThread):
         self._fetch_wait = FetchWaitGovernor(consumer, self.fetch_max_wait_ms)
         return consumer
 
-    async def _fetch_records(self, consumer: Any, *args: Any, **kwargs: Any) -> Any:
-        records = await super()._fetch_records(consumer, *args, **kwargs)
-        self._fetch_wait.observe(records)
+    async def _fetch_records(
+        self, consumer: Any, active_partitions: set[TP], *args: Any, **kwargs: Any
+    ) -> Any:
+        records = await super()._fetch_records(consumer, active_partitions, *args, **kwargs)
+        # Only the partitions Faust asked for: its tables' changelogs stay assigned
+        # (and lag behind the table's own writes) but are read only while recovering.
+        self._fetch_wait.observe(records, among=active_partitions)
         return records
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:

@@ -128,3 +128,18 @@ def test_without_a_fetcher_only_the_governor_changes() -> None:
     lags = {A: 100}
     governor = FetchWaitGovernor(object(), 5, lags=lambda: lags)
     assert waits(governor, [{}] * 3) == [5, 5, 10]
+
+
+def test_partitions_the_poll_did_not_ask_for_never_lengthen_the_wait() -> None:
+    # Faust keeps its tables' changelog partitions (here B) assigned but reads them only
+    # while recovering: their lag grows with the table's own writes. Counted as starved,
+    # they drove the worker's wait to the ceiling and click -> decision to ~1 s.
+    consumer, governor = governed(floor_ms=5)
+    consumer.lags = {A: 0, B: 500}
+    for _ in range(12):
+        governor.observe({}, among={A})
+    assert governor.wait_ms == 5
+    # Asked for, B's starvation counts again.
+    for _ in range(3):
+        governor.observe({}, among={A, B})
+    assert governor.wait_ms == 10
