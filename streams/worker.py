@@ -11,6 +11,7 @@ with exactly the same counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -137,9 +138,15 @@ class PosteriorWorker:
         self._dirty: set[bytes] = set()
         # When each dirty key became dirty: the oldest are decided first.
         self._dirty_since: dict[bytes, float] = {}
+        # When each key's decision was last published: a key is decided at most once per
+        # interval, and at once when its last decision is older than that (a click on a
+        # quiet key shows without waiting for the next tick).
+        self._published_at: dict[bytes, float] = {}
+        self._interval_s = settings.decision_interval_ms / 1000
+        self._wake = asyncio.Event()
         self.app.agent(self.outcomes, name="apply-outcomes")(self._apply_outcomes)
         self.app.task(self._follow_registry)
-        self.app.timer(interval=settings.decision_interval_ms / 1000)(self._publish_dirty)
+        self.app.task(self._publisher)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
     async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
@@ -241,21 +248,40 @@ class PosteriorWorker:
             # Decisions are coalesced: a burst of snapshots for a key (one per
             # source partition per ingest flush) yields one decision per tick.
             self._dirty.add(key)
-            self._dirty_since.setdefault(key, time.perf_counter())
+            now = time.perf_counter()
+            self._dirty_since.setdefault(key, now)
+            if now - self._published_at.get(key, 0.0) >= self._interval_s:
+                self._wake.set()
+
+    async def _publisher(self) -> None:
+        """Publishes dirty keys when woken by one that is due, else every interval."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval_s)
+            self._wake.clear()
+            await self._publish_dirty()
+            if len(self._published_at) > 4096:
+                # An entry older than an interval means what a missing one does.
+                cutoff = time.perf_counter() - self._interval_s
+                self._published_at = {k: t for k, t in self._published_at.items() if t > cutoff}
 
     async def _publish_dirty(self) -> None:
         if not self._dirty:
             return
         async with self._publish_lock:
-            # A time budget per tick: keys left over stay dirty for the next tick (and
+            # A time budget per round: keys left over stay dirty for the next one (and
             # coalesce more snapshots meanwhile), so decisions over many creatives can
             # delay decisions, never the agent that keeps the counts.
-            deadline = time.perf_counter() + self.settings.decision_interval_ms / 1000
+            started = time.perf_counter()
+            deadline = started + self._interval_s
             for key in sorted(self._dirty, key=lambda k: self._dirty_since.get(k, 0.0)):
                 if time.perf_counter() > deadline:
                     break
+                if started - self._published_at.get(key, 0.0) < self._interval_s:
+                    continue  # decided less than an interval ago: coalesce until due
                 self._dirty.discard(key)
                 self._dirty_since.pop(key, None)
+                self._published_at[key] = time.perf_counter()
                 state = decode_state(self.posteriors.get(key))
                 await self.decisions.send(key=key, value=self.decision_bytes(key.decode(), state))
                 await asyncio.sleep(0)  # let the agent run between decisions
