@@ -172,7 +172,13 @@ def bench_spine(events: int, latency_minutes: float, broker: str | None, out: Pa
 
 @bench.command("soak")
 @click.option("--minutes", type=click.FloatRange(min=0.5), default=30.0, show_default=True)
-@click.option("--rate", type=float, default=2000.0, show_default=True, help="impressions/s")
+@click.option(
+    "--rate",
+    type=float,
+    default=2000.0,
+    show_default=True,
+    help="events/s: impressions and their clicks (~5 %)",
+)
 @click.option(
     "--baseline-minute",
     type=float,

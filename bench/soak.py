@@ -197,7 +197,7 @@ def run(
     ):
         sup.wait_http_ready()
         console.print(
-            f"[bold]adloop soak[/]: {minutes:g} min at {rate:,.0f} impressions/s with the loop "
+            f"[bold]adloop soak[/]: {minutes:g} min at {rate:,.0f} events/s with the loop "
             f"on; broker {settings.broker}, logs in {sup.log_dir}"
         )
         api = HttpSelector.local(settings)
@@ -221,7 +221,7 @@ def run(
     report.sent_rate, report.counted_rate = result.sent_rate, result.counted_rate
     report.sent_total, report.counted_total = result.sent_total, result.counted_total
     report.drained = result.drained
-    title = f"soak: {minutes:g} min at {rate:,.0f} impressions/s, loop on"
+    title = f"soak: {minutes:g} min at {rate:,.0f} events/s, loop on"
     report.plots = [
         str(plot_processes(result, out / "soak_processes.png", title)),
         str(plot_latency_over_time(result, out / "soak_latency_over_time.png", title)),

@@ -1,7 +1,8 @@
 """Sustained-traffic measurement, shared by ``adloop bench spine`` and ``adloop bench soak``.
 
-While another process sends background traffic at a set rate (impressions, ~5 % of
-them clicked, campaign ``lat``, three audiences), the measuring process
+While another process sends background traffic at a set rate (events/s: impressions
+and their clicks, ~5 % of impressions clicked, campaign ``lat``, three audiences), the
+measuring process
 
 * sends a **click probe** every ``probe_interval_s`` on an audience of its own: an
   impression, waited for until counted over HTTP, then its click, timed until the
@@ -228,8 +229,9 @@ def _traffic(
     stop: Any,
     sent_counter: Any,
 ) -> None:
-    """Run in another process: ``rate`` impressions/s, each clicked with its creative's
-    click rate, until ``stop`` is set; ``sent_counter``: impressions + clicks sent."""
+    """Run in another process: ``rate`` events/s (impressions, each clicked with its
+    creative's click rate, and those clicks), until ``stop`` is set; ``sent_counter``:
+    impressions + clicks sent."""
     from kafka import KafkaProducer
 
     from adloop.streams.kafka_io import kafka_python_kwargs
@@ -256,7 +258,7 @@ def _traffic(
         n += 1
         if n % 50 == 0:
             sent_counter.value = sent
-        ahead = n / rate - (time.monotonic() - started)
+        ahead = sent / rate - (time.monotonic() - started)
         if ahead > 0:
             time.sleep(ahead)
     producer.flush()
