@@ -237,7 +237,11 @@ def _traffic(
     from adloop.streams.kafka_io import kafka_python_kwargs
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, settings, linger_ms=5, acks=1))
+    producer = KafkaProducer(
+        **kafka_python_kwargs(
+            KafkaProducer, settings, linger_ms=5, acks=1, enable_idempotence=False
+        )
+    )
     rng = np.random.default_rng(3)
     impressions_topic, clicks_topic = settings.topic("impressions"), settings.topic("clicks")
     n = sent = 0
@@ -506,7 +510,9 @@ class Sustained:
         from adloop.streams.kafka_io import kafka_python_kwargs
 
         return KafkaProducer(
-            **kafka_python_kwargs(KafkaProducer, self.settings, linger_ms=0, acks=1)
+            **kafka_python_kwargs(
+                KafkaProducer, self.settings, linger_ms=0, acks=1, enable_idempotence=False
+            )
         )
 
     @staticmethod
