@@ -1,4 +1,4 @@
-"""The benchmark commands: ``adloop bench spine|bandits|generator|all``, ``adloop replay``
+"""The benchmark commands: ``adloop bench spine|soak|bandits|generator|all``, ``adloop replay``
 and ``adloop simulate`` (mounted lazily by the composition root, ``adloop.cli``)."""
 
 from __future__ import annotations
@@ -152,14 +152,67 @@ def bench() -> None:
     show_default=True,
     help="impressions to replay (clicks come on top, 5 %)",
 )
+@click.option(
+    "--latency-minutes",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="how long click -> decision is measured under ~2,000 events/s of traffic",
+)
 @click.option("--broker", help="kafka://host:port (default: embedded)")
 @out_option
-def bench_spine(events: int, broker: str | None, out: Path) -> None:
-    """Throughput vs. the raw-consume ceiling, click->decision and select latency."""
+def bench_spine(events: int, latency_minutes: float, broker: str | None, out: Path) -> None:
+    """Throughput vs. the raw-consume ceiling, click->decision (held over a run of
+    sustained traffic; CDF and over-time plots) and select latency."""
     configure_logging("WARNING")
     from adloop.bench.spine import run
 
-    run(events, broker, out)
+    run(events, broker, out, latency_minutes=latency_minutes)
+
+
+@bench.command("soak")
+@click.option("--minutes", type=click.FloatRange(min=0.5), default=30.0, show_default=True)
+@click.option(
+    "--rate",
+    type=float,
+    default=2000.0,
+    show_default=True,
+    help="events/s: impressions and their clicks (~5 %)",
+)
+@click.option(
+    "--baseline-minute",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="RSS reference (moved to a third of the run for runs shorter than 3x it)",
+)
+@click.option("--stall-s", type=float, default=10.0, show_default=True, help="no progress for")
+@click.option("--broker", help="kafka://host:port (default: embedded)")
+@out_option
+def bench_soak(
+    minutes: float,
+    rate: float,
+    baseline_minute: float,
+    stall_s: float,
+    broker: str | None,
+    out: Path,
+) -> None:
+    """The whole stack with the loop on under sustained traffic: RSS growth per process,
+    click -> decision p99 over time, stalls. Exit code 1 when a criterion fails."""
+    configure_logging("WARNING")
+    from adloop.bench.soak import run
+
+    report = run(
+        minutes=minutes,
+        rate=rate,
+        broker=broker,
+        out=out,
+        baseline_minute=baseline_minute,
+        stall_s=stall_s,
+    )
+    if report.failures:
+        click.echo("soak FAILED: " + "; ".join(report.failures), err=True)
+        sys.exit(1)
 
 
 @bench.command("changelog")

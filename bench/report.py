@@ -249,7 +249,7 @@ def run_all(out: Path, quick: bool = False, broker: str | None = None) -> bool:
 
         def spine_latency() -> SpineReport:
             with deployment(broker, api_port=free_port(), worker_web_port=0) as settings:
-                latency(settings, spine, console, probes=50, select_seconds=5.0)
+                latency(settings, spine, console, minutes=1.0, select_seconds=5.0)
             return spine
 
         stage("spine latency", spine_latency)

@@ -1,7 +1,13 @@
 """Benchmarks of the spine (issue 2): throughput vs. the raw-consume ceiling,
-click -> decision latency over HTTP, and select latency under load.
+click -> decision latency over HTTP held over a run of sustained traffic, and select
+latency under load.
 
-    adloop bench spine [--events 200000] [--broker kafka://...] [--out results/]
+    adloop bench spine [--events 200000] [--latency-minutes 10] [--broker kafka://...]
+                       [--out results/]
+
+Writes ``spine.json`` (figures; per-minute click -> decision p99), ``spine_series.json``
+(per-second throughput and processes, every probe) and three plots: the latency CDF,
+events/s over time, latency over time.
 
 Each figure states its method; all run on the same broker in one go.
 """
@@ -16,8 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from kafka import KafkaProducer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -33,9 +37,18 @@ from adloop.bench.harness import (
     raw_consume_rate,
     synthetic_events,
 )
-from adloop.schemas import Click, Creative, Impression
+from adloop.bench.sustained import (
+    Sustained,
+    SustainedConfig,
+    SustainedResult,
+    latency_trend,
+    per_minute,
+    percentiles,
+    plot_latency_cdf,
+    plot_latency_over_time,
+    plot_throughput,
+)
 from adloop.streams.config import Settings
-from adloop.streams.kafka_io import kafka_python_kwargs
 from adloop.streams.supervisor import Supervisor
 
 
@@ -52,17 +65,17 @@ class SpineReport:
     select_ms: dict[str, float] = field(default_factory=dict)
     select_rps: float = 0.0
     process_usage_latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    latency_minutes: float = 0.0
+    counted_rate: float = 0.0
+    background_drained: bool = False
+    click_to_decision_per_minute: list[dict[str, float]] = field(default_factory=list)
+    click_to_decision_trend: dict[str, float | bool] = field(default_factory=dict)
+    stalls: list[dict[str, float | bool]] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
 
 
 def _pct(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values)
-    return {
-        "n": float(arr.size),
-        "p50": float(np.percentile(arr, 50)),
-        "p95": float(np.percentile(arr, 95)),
-        "p99": float(np.percentile(arr, 99)),
-        "max": float(arr.max()),
-    }
+    return percentiles(values)
 
 
 def throughput(
@@ -118,171 +131,76 @@ def _select_load(host: str, port: int, seconds: float, queue: mp.Queue) -> None:
     queue.put(latencies)
 
 
-def _background_traffic(settings: Settings, rate: float, seconds: float, queue: mp.Queue) -> None:
-    """Run in another process: ~``rate`` impressions/s (+5 % clicks) for ``seconds``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    producer = KafkaProducer(**kafka_python_kwargs(KafkaProducer, settings, linger_ms=5, acks=1))
-    rng = np.random.default_rng(3)
-    sent = 0
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        impression_id = f"bg{sent}"
-        producer.send(
-            settings.topic("impressions"),
-            _lat_impression(impression_id, f"aud-{1 + sent % 3}", f"lat-c{sent % 4}"),
-            key=impression_id.encode(),
-        )
-        if rng.random() < 0.05:
-            producer.send(
-                settings.topic("clicks"),
-                _lat_click(impression_id),
-                key=impression_id.encode(),
-            )
-        sent += 1
-        ahead = sent / rate - (time.monotonic() - started)
-        if ahead > 0:
-            time.sleep(ahead)
-    producer.flush()
-    queue.put(sent / (time.monotonic() - started))
-    producer.close()
-
-
-def _wait_counted(
-    api: HttpSelector, path: str, field_name: str, value: int, timeout: float = 10.0
-) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, body = api.get(path)
-        if status == 200 and body[field_name] >= value:
-            return True
-        # Polling faster would load the 2-core machine more than it sharpens the figure.
-        time.sleep(0.002)
-    return False
-
-
 def latency(
     settings: Settings,
     report: SpineReport,
     console: Console,
     background_rate: float = 2000.0,
-    probes: int = 100,
+    minutes: float = 10.0,
     select_seconds: float = 10.0,
-) -> None:
-    """Click -> decision visible over HTTP while ~2,000 events/s flow; then select load.
-
-    The background traffic and the select load each run in their own process, as an
-    exchange would; probes use a campaign x audience of their own.
-    """
+    out: Path | None = None,
+) -> SustainedResult:
+    """Click -> decision visible over HTTP while ~2,000 events/s flow for ``minutes``
+    (``bench.sustained``: a probe every 0.5 s, throughput and processes sampled each
+    second); then a select load while the traffic goes on. With ``out``, the plots."""
     ctx = mp.get_context("spawn")
     with Supervisor(settings) as sup:
         sup.wait_http_ready()
-        api = HttpSelector.local(settings)
-        for i in range(4):
-            api.register(Creative(creative_id=f"lat-c{i}", campaign="lat", headline=f"Ad {i}"))
-        producer = KafkaProducer(
-            **kafka_python_kwargs(KafkaProducer, settings, linger_ms=0, acks=1)
-        )
-        duration = 8.0 + probes * 0.3 + select_seconds
-        rate_queue: mp.Queue = ctx.Queue()
-        traffic = ctx.Process(
-            target=_background_traffic, args=(settings, background_rate, duration, rate_queue)
-        )
-        traffic.start()
-        # Warm up: every stage running and decisions flowing for the background traffic.
-        if not _wait_counted(
-            api, "/v1/campaigns/lat/audiences/aud-1/decision", "impressions", 1, timeout=60
-        ):
-            raise RuntimeError(f"pipeline did not start:\n{sup.tail('worker')}")
-        time.sleep(1.0)
-        path = "/v1/campaigns/lat/audiences/probe/decision"
-        latencies, lost = [], 0
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("click -> decision probes", total=probes)
-            for i in range(probes):
-                impression_id = f"probe{i}"
-                producer.send(
-                    settings.topic("impressions"),
-                    _lat_impression(impression_id, "probe", "lat-c0"),
-                    key=impression_id.encode(),
-                )
-                producer.flush()
-                if not _wait_counted(api, path, "impressions", i + 1):
-                    lost += 1
-                    continue
-                clicks_before = api.get(path)[1]["clicks"]
-                t0 = time.perf_counter()
-                producer.send(
-                    settings.topic("clicks"),
-                    _lat_click(impression_id),
-                    key=impression_id.encode(),
-                )
-                producer.flush()
-                if _wait_counted(api, path, "clicks", clicks_before + 1):
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                else:
-                    lost += 1
-                progress.advance(task)
-        report.click_to_decision_ms = {**_pct(latencies), "lost": float(lost)}
-        console.print(
-            f"click -> decision over HTTP at ~{background_rate:,.0f} events/s: "
-            f"p50 {report.click_to_decision_ms['p50']:.1f} ms, "
-            f"p99 {report.click_to_decision_ms['p99']:.1f} ms ({lost} timed out)"
-        )
-        select_queue: mp.Queue = ctx.Queue()
-        loader = ctx.Process(
-            target=_select_load,
-            args=(settings.api_host, settings.api_port, select_seconds, select_queue),
-        )
-        loader.start()
-        select_latencies = select_queue.get(timeout=select_seconds + 60)
-        loader.join()
-        report.background_rate = rate_queue.get(timeout=duration + 60)
-        traffic.join()
-        report.select_ms = _pct(select_latencies)
-        report.select_rps = len(select_latencies) / select_seconds
-        report.process_usage_latency = process_usage(sup)
-        producer.close()
+        run = Sustained(settings, sup, SustainedConfig(rate=background_rate), console)
+        with run.running():
+            result = run.measure(minutes * 60, label="click -> decision probes")
+            report.click_to_decision_ms = result.latency()
+            console.print(
+                f"click -> decision over HTTP at ~{background_rate:,.0f} events/s for "
+                f"{minutes:g} min: p50 {report.click_to_decision_ms['p50']:.1f} ms, "
+                f"p99 {report.click_to_decision_ms['p99']:.1f} ms "
+                f"({len(result.lost)} of {len(result.probes) + len(result.lost)} timed out)"
+            )
+            select_queue: mp.Queue = ctx.Queue()
+            loader = ctx.Process(
+                target=_select_load,
+                args=(settings.api_host, settings.api_port, select_seconds, select_queue),
+            )
+            loader.start()
+            select_latencies = select_queue.get(timeout=select_seconds + 60)
+            loader.join()
+            report.process_usage_latency = process_usage(sup)
+    report.latency_minutes = minutes
+    report.background_rate = result.sent_rate
+    report.counted_rate = result.counted_rate
+    report.click_to_decision_per_minute = per_minute(result.probes)
+    trend = latency_trend(result.probes, result.seconds)
+    report.click_to_decision_trend = asdict(trend)
+    report.stalls = [asdict(s) for s in result.stalls(SustainedConfig().stall_s)]
+    report.background_drained = result.drained
+    report.select_ms = _pct(select_latencies)
+    report.select_rps = len(select_latencies) / select_seconds
+    if out is not None:
+        title = f"spine: click -> decision at ~{background_rate:,.0f} events/s, {minutes:g} min"
+        report.plots = [
+            str(plot_latency_cdf(result, out / "spine_latency_cdf.png", title)),
+            str(plot_throughput(result, out / "spine_throughput.png", "spine: events/s over time")),
+            str(plot_latency_over_time(result, out / "spine_latency_over_time.png", title)),
+        ]
+        (out / "spine_series.json").write_text(json.dumps(result.to_json()))
     console.print(
         f"select under load (another process, keep-alive, sequential): "
         f"{report.select_rps:,.0f} req/s, p50 {report.select_ms['p50']:.2f} ms, "
-        f"p99 {report.select_ms['p99']:.2f} ms; background traffic "
-        f"{report.background_rate:,.0f} impressions/s"
+        f"p99 {report.select_ms['p99']:.2f} ms; background traffic sent "
+        f"{report.background_rate:,.0f} events/s, counted {report.counted_rate:,.0f} events/s, "
+        f"all counted after it stopped: {report.background_drained}"
     )
+    return result
 
 
-def _lat_impression(impression_id: str, audience: str, creative_id: str) -> bytes:
-    return _enc(
-        Impression(
-            impression_id=impression_id,
-            timestamp=time.time(),
-            campaign="lat",
-            audience=audience,
-            placement="feed",
-            creative_id=creative_id,
-            propensity=0.25,
-            policy="uniform",
-        )
-    )
-
-
-def _lat_click(impression_id: str) -> bytes:
-    return _enc(Click(impression_id=impression_id, timestamp=time.time()))
-
-
-def _enc(record: Impression | Click) -> bytes:
-    import msgspec
-
-    return msgspec.json.encode(record)
-
-
-def run(events: int, broker: str | None, out: Path) -> SpineReport:
+def run(events: int, broker: str | None, out: Path, latency_minutes: float = 10.0) -> SpineReport:
     console = Console(stderr=True)
     report = SpineReport()
+    out.mkdir(parents=True, exist_ok=True)
     with deployment(broker) as settings:
         throughput(settings, events, report, console)
     with deployment(broker, api_port=free_port()) as settings:
-        latency(settings, report, console)
-    out.mkdir(parents=True, exist_ok=True)
+        latency(settings, report, console, minutes=latency_minutes, out=out)
     (out / "spine.json").write_text(json.dumps(asdict(report), indent=2))
     table = Table(title="adloop spine benchmark")
     table.add_column("figure")
@@ -292,14 +210,35 @@ def run(events: int, broker: str | None, out: Path) -> SpineReport:
     table.add_row("adloop: ingest + posterior agent", f"{report.adloop_events_per_s:,.0f}/s")
     table.add_row("ratio (goal >= 0.3)", f"{report.ratio:.2f}")
     table.add_row("counts exact", str(report.counts_exact))
+    c = report.click_to_decision_ms
     table.add_row(
-        "click -> decision over HTTP p50 / p99",
-        f"{report.click_to_decision_ms['p50']:.1f} / {report.click_to_decision_ms['p99']:.1f} ms",
+        f"click -> decision over HTTP p50 / p95 / p99 / max ({c['n']:.0f} probes, "
+        f"{report.latency_minutes:g} min)",
+        f"{c['p50']:.1f} / {c['p95']:.1f} / {c['p99']:.1f} / {c['max']:.1f} ms",
     )
+    table.add_row("probes timed out", f"{c['lost']:.0f}")
+    per_min = report.click_to_decision_per_minute
+    if per_min:
+        table.add_row(
+            "click -> decision p99 per minute",
+            " ".join(f"{m['p99']:.0f}" for m in per_min) + " ms",
+        )
+    trend = report.click_to_decision_trend
+    table.add_row(
+        "p99 first / last third of the run",
+        f"{trend['first_third_p99']:.0f} / {trend['last_third_p99']:.0f} ms"
+        f"{' (rising)' if trend['rising'] else ''}",
+    )
+    table.add_row(
+        "background sent / counted",
+        f"{report.background_rate:,.0f} / {report.counted_rate:,.0f} events/s",
+    )
+    table.add_row("stalls (no progress >= 10 s)", str(len(report.stalls)))
     table.add_row(
         "select p50 / p99 under load",
         f"{report.select_ms['p50']:.2f} / {report.select_ms['p99']:.2f} ms",
     )
     console.print(table)
-    console.print(f"written to {out / 'spine.json'}")
+    for path in [str(out / "spine.json"), str(out / "spine_series.json"), *report.plots]:
+        console.print(f"written to {path}")
     return report
