@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from rocksdict import Options, Rdict
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict
 
 from adloop.schemas import (
     Click,
@@ -444,10 +444,23 @@ class PartitionState:
         # Counts stay cached: they are small and touched again soon.
 
 
+#: RocksDB's memory, bounded and stated (README: Failure modes): memtables of 16 MiB,
+#: at most two, and a 16 MiB block cache. The defaults (64 MiB memtables) let the
+#: ingest's RSS climb for minutes at 2,000 events/s before the first flush to disk.
+WRITE_BUFFER_BYTES = 16 << 20
+MAX_WRITE_BUFFERS = 2
+BLOCK_CACHE_BYTES = 16 << 20
+
+
 def open_store(path: Path) -> Rdict:
     path.mkdir(parents=True, exist_ok=True)
     options = Options(raw_mode=True)
     options.create_if_missing(True)
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
+    table = BlockBasedOptions()
+    table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    options.set_block_based_table_factory(table)
     return Rdict(str(path), options)
 
 
