@@ -94,6 +94,11 @@ class ChaosReport:
     requests_answered_twice: list[str] = field(default_factory=list)
     results_without_request: list[str] = field(default_factory=list)
     results_ok: int = 0
+    # The loop retries a request with no result after generation_timeout_s under a new
+    # id (attempt -a2, -a3): retries, and request stems answered "ok" more than once
+    # (an attempt answered after its retry was sent: both sets of variants exist).
+    retries: int = 0
+    stems_answered_ok_more_than_once: list[str] = field(default_factory=list)
     results_failed: int = 0
     failure_reasons: dict[str, int] = field(default_factory=dict)
     generated_creatives: int = 0
@@ -399,6 +404,7 @@ def _replay(
             kill_task = progress.add_task("kills", total=len(plan))
             producer.start()
             pending = list(plan)
+            gap = max(1, total // (20 * max(1, len(plan))))
             deadline: float | None = None
             while True:
                 sup.supervise()
@@ -407,7 +413,11 @@ def _replay(
                 progress.update(counted_task, completed=counted)
                 if producer.error is not None:
                     raise RuntimeError(f"producer failed: {producer.error!r}")
-                if pending and counted >= pending[0][0]:
+                # A kill point is due once the decisions count its events, the pipeline
+                # has counted more since the previous kill (kills land on progress, not
+                # in a burst while a restarted role catches up), and its role runs.
+                last = report.kills[-1].at_events if report.kills else -gap
+                if pending and counted >= max(pending[0][0], last + gap):
                     at, role = pending[0]
                     if sup.status().get(role, {}).get("state") == "running":
                         pending.pop(0)
@@ -536,6 +546,9 @@ def _verify(
     report.requests_answered_twice = sorted(i for i, n in result_ids.items() if n > 1)
     report.results_without_request = sorted(set(result_ids) - set(request_ids))
     report.results_ok = sum(1 for r in results if r["status"] == "ok")
+    report.retries = sum(1 for i in request_ids if not i.endswith("-a1"))
+    ok_stems = Counter(r["request_id"].rpartition("-a")[0] for r in results if r["status"] == "ok")
+    report.stems_answered_ok_more_than_once = sorted(s for s, n in ok_stems.items() if n > 1)
     report.results_failed = sum(1 for r in results if r["status"] == "failed")
     finished = {r["request_id"]: r.get("finished_at") or 0.0 for r in results}
     report.generator_kills_mid_request = sum(
@@ -598,6 +611,10 @@ def _print(console: Console, r: ChaosReport) -> None:
     table.add_row("generator kills during a generation", str(r.generator_kills_mid_request))
     table.add_row("requests without a result", str(len(r.requests_without_result)))
     table.add_row("requests answered twice", str(len(r.requests_answered_twice)))
+    table.add_row(
+        "retried after the timeout (stems answered ok twice)",
+        f"{r.retries} ({len(r.stems_answered_ok_more_than_once)})",
+    )
     table.add_row("request ids published twice", str(len(r.request_ids_published_twice)))
     table.add_row(
         "generated creatives (creative records on the topic)",
