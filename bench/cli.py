@@ -215,6 +215,53 @@ def bench_soak(
         sys.exit(1)
 
 
+@bench.command("chaos")
+@click.option(
+    "--events",
+    type=int,
+    default=200_000,
+    show_default=True,
+    help="events to replay (impressions + clicks)",
+)
+@click.option("--kills-per-role", type=int, default=5, show_default=True, help="SIGKILLs per role")
+@click.option("--seed", type=int, default=1, show_default=True, help="events and kill points")
+@click.option("--rate", type=float, default=1000.0, show_default=True, help="events/s replayed")
+@click.option(
+    "--generator-time-limit-s",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="the generator's time limit per batch of requests",
+)
+@click.option("--broker", help="kafka://host:port (default: embedded)")
+@out_option
+def bench_chaos(
+    events: int,
+    kills_per_role: int,
+    seed: int,
+    rate: float,
+    generator_time_limit_s: float,
+    broker: str | None,
+    out: Path,
+) -> None:
+    """SIGKILL every role at random event counts during a replay with the loop on;
+    then check counts, generation requests and results, creatives and dead letters."""
+    configure_logging("WARNING")
+    from adloop.bench.chaos import run
+
+    report = run(
+        events,
+        kills_per_role,
+        seed,
+        out,
+        rate=rate,
+        generator_time_limit_s=generator_time_limit_s,
+        broker=broker,
+        command=" ".join(["adloop", "bench", "chaos", *sys.argv[3:]]),
+    )
+    sys.exit(0 if report.ok else 1)
+
+
 @bench.command("changelog")
 @click.option("--impressions", type=int, default=200_000, show_default=True)
 @click.option("--flush-events", type=int, default=2_000, show_default=True, help="per flush")

@@ -148,6 +148,8 @@ class PosteriorWorker:
         self.app.task(self._follow_registry)
         self.app.task(self._publisher)
         self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.posteriors.on_recover(self._on_recovered)
 
     async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         # With several workers (README "Scaling out"), which outcome partitions (and
@@ -156,6 +158,29 @@ class PosteriorWorker:
         partitions = sorted(tp.partition for tp in assigned if tp.topic == topic)
         # In the message: Faust's log format drops structured extras.
         log.info("partitions assigned partitions=%s", json.dumps(partitions))
+
+    async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        # Keys of revoked partitions are no longer ours to decide; the ones kept are
+        # marked again once the table is recovered (_on_recovered).
+        self._dirty.clear()
+        self._dirty_since.clear()
+
+    async def _on_recovered(self) -> None:
+        """The table is recovered for the partitions this worker now holds: decide
+        every key again.
+
+        A decision is published on the timer after its snapshot is applied, while the
+        outcome offsets are committed on Faust's commit interval: a worker killed
+        between the two had committed snapshots whose decision never reached the
+        decisions topic, and no snapshot comes again for a key whose traffic ended. So
+        the decisions published are those of the recovered table, not only of the
+        snapshots still to come (one decision per held key per rebalance).
+        """
+        now = time.perf_counter()
+        for key in list(self.posteriors):
+            self._dirty.add(key)
+            self._dirty_since.setdefault(key, now)
+        log.info("table recovered; deciding its keys again keys=%d", len(self._dirty))
 
     def prior_of(self, campaign: str, audience: str) -> Any:
         """Prior for a creative in this audience: its predicted CTR, else what it earns
@@ -266,7 +291,8 @@ class PosteriorWorker:
                 self._published_at = {k: t for k, t in self._published_at.items() if t > cutoff}
 
     async def _publish_dirty(self) -> None:
-        if not self._dirty:
+        # Decisions list the registered creatives: none before the registry is read.
+        if not self._dirty or not self.registry_ready.is_set():
             return
         async with self._publish_lock:
             # A time budget per round: keys left over stay dirty for the next one (and
@@ -282,7 +308,10 @@ class PosteriorWorker:
                 self._dirty.discard(key)
                 self._dirty_since.pop(key, None)
                 self._published_at[key] = time.perf_counter()
-                state = decode_state(self.posteriors.get(key))
+                raw = self.posteriors.get(key)
+                if raw is None:  # not (or no longer) held here
+                    continue
+                state = decode_state(raw)
                 await self.decisions.send(key=key, value=self.decision_bytes(key.decode(), state))
                 await asyncio.sleep(0)  # let the agent run between decisions
 

@@ -7,12 +7,16 @@ letters (e.g. 'duplicate_impression_id' for an impression seen before the crash)
 
 from __future__ import annotations
 
+import shutil
 import threading
 
+import msgspec
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
-from adloop.schemas import Creative
+from adloop.schemas import Creative, OutcomeSnapshot
 from adloop.streams.config import Settings
+from adloop.streams.kafka_io import kafka_python_kwargs
 
 from stack import WAIT_S, Stack, click, imp
 
@@ -102,5 +106,102 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(settings: Set
         stack.settle("k", AUDIENCES)
         assert counts() == want
         assert stack.settled_dead_letters() == []
+    finally:
+        stack.stop()
+
+
+def _outcome_ends(stack: Stack) -> tuple[dict[int, int], dict[tuple[str, int], int]]:
+    """Per outcomes partition, the offset after its last record (read, not listed: Tansu
+    lists a wrong end), and per decision key and source partition the impressions of the
+    latest snapshot there (snapshots are cumulative)."""
+    s = stack.settings
+    consumer = KafkaConsumer(
+        **kafka_python_kwargs(
+            KafkaConsumer, s, auto_offset_reset="earliest", consumer_timeout_ms=1000
+        )
+    )
+    tps = [TopicPartition(s.topic("outcomes"), p) for p in range(s.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    ends: dict[int, int] = {}
+    latest: dict[tuple[str, int], int] = {}
+    for record in consumer:
+        ends[record.partition] = record.offset + 1
+        snapshot = msgspec.json.decode(record.value, type=OutcomeSnapshot)
+        for source, by_creative in snapshot.sources.items():
+            latest[(record.key.decode(), source)] = sum(
+                cell.impressions
+                for by_placement in by_creative.values()
+                for cell in by_placement.values()
+            )
+    consumer.close()
+    return ends, latest
+
+
+def _committed(stack: Stack, group: str, partitions: list[int]) -> dict[int, int | None]:
+    consumer = KafkaConsumer(**kafka_python_kwargs(KafkaConsumer, stack.settings, group_id=group))
+    topic = stack.settings.topic("outcomes")
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in partitions}
+    finally:
+        consumer.close()
+
+
+def test_a_worker_killed_after_the_last_event_comes_back_with_every_count(
+    settings: Settings,
+) -> None:
+    """The predecessor applied every snapshot and committed the outcome offsets, but
+    was killed before it published the decisions (here: a decision interval longer than
+    the test, which widens the window between a commit and the next decision tick to the
+    whole run). No snapshot will come again for these keys: the restarted worker, its
+    state directory lost, must publish what its recovered table holds."""
+    stack = Stack(settings.with_overrides(decision_interval_ms=3_600_000)).start()
+    try:
+        stack.register(
+            *(Creative(creative_id=c, campaign="k", headline=f"Ad {c}") for c in CREATIVES)
+        )
+        want: dict[str, dict[str, list[int]]] = {a: {} for a in AUDIENCES}
+        for i in range(2_000):
+            creative, audience = CREATIVES[i % 3], AUDIENCES[(i // 3) % 4]
+            impression_id = f"e{i}"
+            stack.publish(
+                "impressions", impression_id, imp(impression_id, creative, audience, campaign="k")
+            )
+            cell = want[audience].setdefault(creative, [0, 0])
+            cell[0] += 1
+            if i % 7 == 0:
+                stack.publish("clicks", impression_id, click(impression_id))
+                cell[1] += 1
+        stack.flush()
+
+        def emitted() -> int:
+            return sum(_outcome_ends(stack)[1].values())
+
+        stack.wait_for(
+            lambda: emitted() == 2_000, what="every impression in the outcomes", state=emitted
+        )
+        ends, _ = _outcome_ends(stack)
+        group = stack.settings.group_id("worker")
+
+        def committed() -> dict[int, int | None]:
+            return _committed(stack, group, sorted(ends))
+
+        stack.wait_for(
+            lambda: committed() == ends,
+            what="the worker's commit of every outcome",
+            state=committed,
+        )
+        stack.sup.kill("worker")
+        shutil.rmtree(stack.settings.state_dir("worker"))
+        stack.sup.settings = stack.sup.settings.with_overrides(decision_interval_ms=25)
+        stack.sup.start("worker")
+        expected = {a: {c: tuple(v) for c, v in by_c.items()} for a, by_c in want.items()}
+
+        def counts() -> dict[str, dict[str, tuple[int, int]]]:
+            return {a: stack.without_sentinel("k", a) for a in AUDIENCES}
+
+        stack.wait_for(
+            lambda: counts() == expected, what="every count, with no new traffic", state=counts
+        )
     finally:
         stack.stop()
