@@ -259,8 +259,15 @@ class VariantGenerator:
         sampling: SamplingConfig | None = None,
         filters: FilterConfig | None = None,
         loaded: LoadedModel | Engine | None = None,
+        relevance: Any = None,
+        relevance_threshold: float | None = None,
     ) -> None:
+        """``relevance``: a loaded ``SentenceEncoder`` (``generator.relevance``); each
+        request's filters then end with a ``RelevanceRule`` for its brief, so every
+        variant is about the product and key message. None: that rule is off."""
         self.llm_config = llm or LlmConfig()
+        self.relevance = relevance
+        self.relevance_threshold = relevance_threshold
         self.sampling = sampling or SamplingConfig()
         self.filter_config = filters or FilterConfig()
         if isinstance(loaded, LoadedModel):  # a model loaded by the caller: transformers
@@ -586,11 +593,25 @@ class VariantGenerator:
                 *echo_sequences(tokenizer),
             ],
         )
-        variant_filter = VariantFilter(request.brief, self.filter_config)
+        variant_filter = VariantFilter(
+            request.brief, self.filter_config, relevance=self._relevance_rule(request)
+        )
         outcome = GenerationOutcome(
             request.request_id, [], [], filters_passed=variant_filter.rule_names, engine=engine.name
         )
         return _RequestRun(index, request, variant_filter, outcome, job)
+
+    def _relevance_rule(self, request: GenerationRequest) -> Any:
+        if self.relevance is None:
+            return None
+        from adloop.generator.relevance import DEFAULT_RELEVANCE_THRESHOLD, RelevanceRule
+
+        threshold = self.relevance_threshold
+        return RelevanceRule(
+            self.relevance,
+            request.brief,
+            DEFAULT_RELEVANCE_THRESHOLD if threshold is None else threshold,
+        )
 
     def _rows_for(self, outcome: GenerationOutcome, missing: int, round_index: int) -> int:
         """Answers to sample for ``missing`` variants: ``oversample`` per variant in the
