@@ -1,23 +1,36 @@
 """``adloop generator``: generation requests in, scored candidate creatives out.
 
 A consumer group on the generation-requests topic. Each poll takes the requests that
-are waiting (up to ``generator_batch``) and runs them through the LLM *together* (one
-batched ``generate``; on a GPU that is where the throughput comes from), scores every
-accepted variant with the CTR model, and publishes:
+are waiting (up to ``generator_batch``) and streams them through the LLM *together*
+(``VariantGenerator.stream``: one batched run; on a GPU that is where the throughput
+comes from). Every variant must pass the filters, the relevance rule included (its
+similarity to the brief's product + key message, ``generator.relevance``), and is
+scored by the CTR model in the batch it passed in. The worker publishes:
 
-* one :class:`schemas.Creative` per variant on the creatives topic, with its lineage
-  (request, parent, prompt and model versions, pCTR ± std, filters passed, trigger)
-  and its prior (the predicted CTR, worth as many impressions as its uncertainty
-  allows); ``active`` only when both the request and the campaign's *current* settings
-  say ``auto_approve``, else ``pending_review``;
-* one :class:`schemas.GenerationResult` (counts, rejections with reasons, timings).
+* one :class:`schemas.Creative` per passing variant on the creatives topic *as soon as
+  it passes* (the first new arm goes live within seconds, not after the whole request),
+  with its lineage (request, parent, prompt and model versions, pCTR ± std, filters
+  passed, trigger) and its prior (the predicted CTR, worth as many impressions as its
+  uncertainty allows); ``active`` only when both the request and the campaign's
+  *current* settings say ``auto_approve``, else ``pending_review``;
+* one :class:`schemas.GenerationResult` per request when it ends (every creative
+  published for it, counts, rejections with their rules and reasons, timings).
+
+A request in a language the model does not write (``VariantGenerator.refusal``: the
+bundled SmolLM2 writes English only) is refused before any sampling: a dead letter
+with reason code ``unsupported_language`` and a ``failed`` result whose error names
+``ADLOOP_LLM_MODEL``; never English text for it.
 
 Idempotent per request id: a request whose result is already on the results topic is
-skipped, and creative ids are derived from the request id, so a redelivered request
-after a crash overwrites its own creatives instead of adding new ones. An invalid
-request goes to the dead-letter topic with the reason; a failure (model cannot load,
-time limit) becomes a ``failed`` result, which the loop retries a bounded number of
-times. Offsets are committed only after the outputs are acknowledged.
+skipped. Creative ids are ``<request_id>-v<index>``; the worker follows the creatives
+topic, so a request redelivered after a crash (variants published, no result yet)
+keeps the creatives already published as they are (status, history) and asks only for
+the missing ones, numbered after them; a new variant that repeats one of them is
+dropped (a ``duplicate`` rejection). No id is ever published twice. An invalid request
+goes to the dead-letter topic with the reason; a failure (model cannot load, time
+limit) becomes a ``failed`` result, which the loop retries a bounded number of times,
+unless variants were already published (then ``ok`` with those). Offsets are committed
+only after the outputs are acknowledged.
 """
 
 from __future__ import annotations

@@ -337,9 +337,6 @@ def run_demo(
                 summary.loop = _loop_counts(api, scenario.campaign)
                 summary.cycles = loop_cycles(api, scenario.campaign)
                 _traffic_by_origin(api, scenario.campaign, summary)
-                console.print("[bold]the loop[/]")
-                for cycle in summary.cycles[-8:]:
-                    console.print(format_cycle(cycle, headlines=8))
             if live:
                 live.update(_view(api, scenario, exchange, started))
         finally:
@@ -483,6 +480,10 @@ def _count_dead_letters(settings: Settings) -> int:
 
 
 def _print_summary(console: Console, s: DemoSummary) -> None:
+    if s.cycles:
+        console.print("[bold]the loop[/] (one line per generation request)")
+        for cycle in s.cycles[-8:]:
+            console.print(format_cycle(cycle, headlines=8))
     table = Table(title="adloop demo summary", show_header=False)
     table.add_row("impressions / clicks sent", f"{s.impressions:,} / {s.clicks:,}")
     table.add_row(
