@@ -12,6 +12,9 @@ CTranslate2 int8, all decoding with the rules of ``generator.decoding``).
   each batch scored by the CTR model in one call when a scorer is given — so a caller
   can publish the first new creative within seconds, then a final event with the
   request's outcome. ``generate()`` is the same run, answered at the end.
+* **Relevance.** Given a loaded ``SentenceEncoder`` (``relevance=``), each request's
+  filters end with a ``RelevanceRule`` for its brief (``generator.relevance``): a
+  variant must be about the product and key message; rejections count as ``relevance``.
 * **Languages.** The bundled SmolLM2 writes English only: a request in another
   language raises ``UnsupportedLanguageError`` (``reason_code`` for a dead letter)
   naming ``ADLOOP_LLM_MODEL``, before any model is loaded. A configured multilingual

@@ -253,9 +253,9 @@ def run_demo(
     scenario = Scenario.text_aware(seed) if loop else Scenario.default(seed)
     roles = ROLES + LOOP_ROLES if loop else ROLES
     if loop:
-        # A short demo: judge creatives on less evidence than a real campaign would,
-        # and answer each request with what the LLM wrote in ~100 s (2 busy cores take
-        # ~170 s for all rounds, longer than the demo has left after the first verdict).
+        # A short demo: judge creatives on less evidence than a real campaign would.
+        # The generator publishes each variant as it passes (the first within ~10-15 s
+        # on 2 busy cores); the time limit only bounds a request that finds few.
         settings = settings.with_overrides(
             min_evidence=400, generator_seed=seed, generator_time_limit_s=125.0
         )
