@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from adloop.generator.config import GeneratorSettings
 from adloop.schemas.records import Brief, ExampleCreative, GenerationRequest
 
 
@@ -72,8 +73,6 @@ def _load_scorer(ctr_model: str | None) -> Any:
     except ImportError:
         return None
     if ctr_model is None:
-        from adloop.generator.config import GeneratorSettings
-
         return CtrScorer.load(GeneratorSettings().models_path)
     return CtrScorer.load(ctr_model)
 
@@ -92,13 +91,24 @@ def _load_scorer(ctr_model: str | None) -> Any:
 @click.option("--underperformer", help="headline of the creative to move away from")
 @click.option("--placement", default="feed", show_default=True, help="placement for scoring")
 @click.option("--seed", type=int, help="sampling seed (same seed, same variants)")
-@click.option("--temperature", type=float, default=0.9, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+# Unset: the generator's own defaults (SamplingConfig, what the worker uses), read
+# inside the command so that registering it imports no torch.
+@click.option("--temperature", type=float, help="sampling temperature [default: 0.8]")
+@click.option("--top-p", type=float, help="nucleus sampling mass [default: 0.9]")
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    help="cap per answer; the character limits stop answers long before it [default: 128]",
+)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default 1)")
 @click.option("--model", "model_id", help="Hugging Face causal LM id (default: SmolLM2 GGUF)")
 @click.option("--ctr-model", help="CTR model version or models dir (default: settings)")
 @click.option("--no-score", is_flag=True, help="skip CTR scoring")
+@click.option(
+    "--no-relevance",
+    is_flag=True,
+    help="skip the relevance filter (similarity to product + key message)",
+)
 @click.option("--show-rejections", is_flag=True, help="also list rejected variants")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--log-level", default="WARNING", show_default=True)
@@ -116,13 +126,14 @@ def generate(
     underperformer: str | None,
     placement: str,
     seed: int | None,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    max_new_tokens: int | None,
     threads: int | None,
     model_id: str | None,
     ctr_model: str | None,
     no_score: bool,
+    no_relevance: bool,
     show_rejections: bool,
     as_json: bool,
     log_level: str,
@@ -152,12 +163,17 @@ def generate(
     except msgspec.ValidationError as exc:
         raise click.UsageError(f"invalid request: {exc}") from None
 
-    from adloop.generator.llm import LlmConfig, ModelLoadError, SamplingConfig, VariantGenerator
+    from adloop.generator.llm import (
+        LlmConfig,
+        ModelLoadError,
+        SamplingConfig,
+        UnsupportedLanguageError,
+        VariantGenerator,
+    )
 
     try:
-        sampling = SamplingConfig(
-            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
-        )
+        given = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        sampling = SamplingConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     llm = LlmConfig()
@@ -166,9 +182,18 @@ def generate(
     if threads:
         llm = dataclasses.replace(llm, cpu_threads=threads)
     generator = VariantGenerator(llm=llm, sampling=sampling)
+    # Refused before any model loads: a brief in a language the model does not write.
+    if (refusal := generator.refusal(request)) is not None:
+        raise click.ClickException(str(refusal))
+    if not no_relevance:
+        from adloop.generator.relevance import SentenceEncoder
+
+        settings = GeneratorSettings()
+        generator.relevance = SentenceEncoder.load(threads=llm.cpu_threads)
+        generator.relevance_threshold = settings.relevance_threshold
     try:
         [outcome] = generator.generate([request])
-    except ModelLoadError as exc:
+    except (ModelLoadError, UnsupportedLanguageError) as exc:
         raise click.ClickException(str(exc)) from None
 
     scorer = None if no_score else _load_scorer(ctr_model)

@@ -52,6 +52,9 @@ class GeneratorSettings(BaseSettings):
     # Unset: 1 with 4 cores or fewer, else half the cores.
     torch_threads: int | None = Field(default=None, ge=1)
     generator_time_limit_s: float = Field(default=120.0, gt=0)
+    # Cosine similarity (all-MiniLM-L6-v2) a variant needs to the brief's product + key
+    # message (generator.relevance). Unset: the calibrated DEFAULT_RELEVANCE_THRESHOLD.
+    relevance_threshold: float | None = Field(default=None, ge=-1.0, le=1.0)
 
     @property
     def models_path(self) -> Path:

@@ -12,6 +12,9 @@ CTranslate2 int8, all decoding with the rules of ``generator.decoding``).
   each batch scored by the CTR model in one call when a scorer is given — so a caller
   can publish the first new creative within seconds, then a final event with the
   request's outcome. ``generate()`` is the same run, answered at the end.
+* **Relevance.** Given a loaded ``SentenceEncoder`` (``relevance=``), each request's
+  filters end with a ``RelevanceRule`` for its brief (``generator.relevance``): a
+  variant must be about the product and key message; rejections count as ``relevance``.
 * **Languages.** The bundled SmolLM2 writes English only: a request in another
   language raises ``UnsupportedLanguageError`` (``reason_code`` for a dead letter)
   naming ``ADLOOP_LLM_MODEL``, before any model is loaded. A configured multilingual
@@ -259,8 +262,15 @@ class VariantGenerator:
         sampling: SamplingConfig | None = None,
         filters: FilterConfig | None = None,
         loaded: LoadedModel | Engine | None = None,
+        relevance: Any = None,
+        relevance_threshold: float | None = None,
     ) -> None:
+        """``relevance``: a loaded ``SentenceEncoder`` (``generator.relevance``); each
+        request's filters then end with a ``RelevanceRule`` for its brief, so every
+        variant is about the product and key message. None: that rule is off."""
         self.llm_config = llm or LlmConfig()
+        self.relevance = relevance
+        self.relevance_threshold = relevance_threshold
         self.sampling = sampling or SamplingConfig()
         self.filter_config = filters or FilterConfig()
         if isinstance(loaded, LoadedModel):  # a model loaded by the caller: transformers
@@ -586,11 +596,25 @@ class VariantGenerator:
                 *echo_sequences(tokenizer),
             ],
         )
-        variant_filter = VariantFilter(request.brief, self.filter_config)
+        variant_filter = VariantFilter(
+            request.brief, self.filter_config, relevance=self._relevance_rule(request)
+        )
         outcome = GenerationOutcome(
             request.request_id, [], [], filters_passed=variant_filter.rule_names, engine=engine.name
         )
         return _RequestRun(index, request, variant_filter, outcome, job)
+
+    def _relevance_rule(self, request: GenerationRequest) -> Any:
+        if self.relevance is None:
+            return None
+        from adloop.generator.relevance import DEFAULT_RELEVANCE_THRESHOLD, RelevanceRule
+
+        threshold = self.relevance_threshold
+        return RelevanceRule(
+            self.relevance,
+            request.brief,
+            DEFAULT_RELEVANCE_THRESHOLD if threshold is None else threshold,
+        )
 
     def _rows_for(self, outcome: GenerationOutcome, missing: int, round_index: int) -> int:
         """Answers to sample for ``missing`` variants: ``oversample`` per variant in the

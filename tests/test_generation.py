@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -596,13 +597,17 @@ def test_cli_request_and_json_output(monkeypatch: pytest.MonkeyPatch) -> None:
     assert request.audience == "busy-parents" and request.winners[0].headline == "Dinner, done"
 
     seen: list[GenerationRequest] = []
+    sampling: list[Any] = []
 
     class StubGenerator:
         model_version = "stub-llm"
         prompt_version = PROMPT_VERSION
 
-        def __init__(self, **kwargs: object) -> None:
-            pass
+        def __init__(self, **kwargs: Any) -> None:
+            sampling.append(kwargs["sampling"])
+
+        def refusal(self, request: GenerationRequest) -> None:
+            return None
 
         def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutcome]:
             seen.extend(requests)
@@ -611,12 +616,31 @@ def test_cli_request_and_json_output(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(adloop.generator.llm, "VariantGenerator", StubGenerator)
     args = ["--brief", "MealKit", "--audience", "parents", "--n", "1", "--json", "--no-score"]
-    result = CliRunner().invoke(generate, args)
+    result = CliRunner().invoke(generate, [*args, "--no-relevance"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
     assert printed["variants"] == [{"headline": "Dinner in 15", "description": "Fresh kits."}]
     assert printed["rejected_by_rule"] == {"forbidden_terms": 1}
     assert printed["llm_model"] == "stub-llm" and seen[0].n_variants == 1
+    # The generator's own sampling defaults (what the worker uses), not the CLI's.
+    from adloop.generator.engines import SamplingConfig
+
+    assert sampling[0] == SamplingConfig(seed=None)
 
     invalid = CliRunner().invoke(generate, ["--brief", "x", "--audience", "a", "--language", "EN"])
     assert invalid.exit_code == 2 and "invalid request" in invalid.output
+
+
+def test_cli_refuses_a_language_the_model_does_not_write() -> None:
+    """A zh brief with the English-only bundled model: a clear error naming the setting,
+    a non-zero exit, no traceback, and no model loaded."""
+    from click.testing import CliRunner
+
+    from adloop.generator.cli import generate
+
+    args = ["--brief", "降噪耳机", "--audience", "commuters", "--language", "zh", "--no-score"]
+    result = CliRunner().invoke(generate, args)
+    assert result.exit_code == 1, result.output
+    assert "Error:" in result.output and "ADLOOP_LLM_MODEL" in result.output
+    assert "Chinese" in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

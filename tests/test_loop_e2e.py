@@ -149,14 +149,21 @@ def test_underperformer_replaced_by_an_approved_generated_creative(stack: Stack)
     assert mine["creative"]["lineage"]["request_id"]
     old = story["c2"]["creative"]["history"][-1]
     assert old["action"] == "retired_in_audience" and old["reason"].startswith("replaced by")
-    actions = [e["action"] for e in call(stack, "GET", "/v1/campaigns/shoes/audit")[1]["entries"]]
+
+    def actions() -> set[str]:
+        entries = call(stack, "GET", "/v1/campaigns/shoes/audit")[1]["entries"]
+        return {e["action"] for e in entries}
+
+    # The generator publishes each variant as it passes, so the one approved above may
+    # have been served before the request's result (and its audit entry) was written.
+    stack.wait_for(lambda: "generation_answered" in actions(), what="the request answered")
     assert {
         "settings_changed",
         "generation_requested",
         "generation_answered",
         "approved",
         "retired",
-    } <= set(actions)
+    } <= actions()
     # The CTR model keeps learning: the loop's scheduled retraining (a `train-ctr
     # --from-kafka` child process) trains a new version from these topics, where the
     # generator's scorer looks for it.

@@ -98,7 +98,29 @@ def main() -> None:
     show_default=True,
     help="run the closed loop (LLM variants, CTR model) on a text-aware exchange",
 )
-def demo(events: int, rate: float, seed: int, no_live: bool, loop: bool, **flags: Any) -> None:
+@click.option(
+    "--loop-cycles",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="with the loop on, go on past --events until this many full loop cycles "
+    "(verdict → request → variants live and served → underperformer retired) completed",
+)
+@click.option(
+    "--max-events",
+    type=click.IntRange(1),
+    help="most impressions sent while waiting for --loop-cycles (default: 3 × --events)",
+)
+def demo(
+    events: int,
+    rate: float,
+    seed: int,
+    no_live: bool,
+    loop: bool,
+    loop_cycles: int,
+    max_events: int | None,
+    **flags: Any,
+) -> None:
     """The main job: embedded broker + adloop + a simulated exchange, with a live view."""
     settings = load(**flags)
     interrupt_on_signals()
@@ -107,7 +129,14 @@ def demo(events: int, rate: float, seed: int, no_live: bool, loop: bool, **flags
 
     with broker_with_topics(settings) as live:
         summary = run_demo(
-            live, events=events, rate=rate, seed=seed, live_view=not no_live, loop=loop
+            live,
+            events=events,
+            rate=rate,
+            seed=seed,
+            live_view=not no_live,
+            loop=loop,
+            loop_cycles_wanted=loop_cycles,
+            max_events=max_events,
         )
     sys.exit(0 if summary.ok else 1)
 

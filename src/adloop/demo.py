@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from adloop.bench.exchange import HttpSelector, Scenario, SimulatedExchange
@@ -34,6 +36,13 @@ class DemoSummary:
     bad_events_sent: int = 0
     dead_lettered: int = 0
     loop: dict[str, int] | None = None
+    cycles: list[LoopCycle] = field(default_factory=list)
+    # Generated creatives' traffic over the whole run, and the initial creatives'.
+    generated_impressions: int = 0
+    generated_clicks: int = 0
+    initial_impressions: int = 0
+    initial_clicks: int = 0
+    extra_events: int = 0  # sent past --events, waiting for a loop cycle to complete
 
     @property
     def ok(self) -> bool:
@@ -43,6 +52,11 @@ class DemoSummary:
 def _view(
     api: HttpSelector, scenario: Scenario, exchange: SimulatedExchange, started: float
 ) -> Group:
+    _, story = api.get(f"/v1/campaigns/{scenario.campaign}/story")
+    headlines = {
+        item["creative"]["creative_id"]: item["creative"]["headline"]
+        for item in (story or {}).get("creatives", [])
+    }
     tables = []
     for audience in scenario.audiences:
         status, decision = api.get(
@@ -64,8 +78,11 @@ def _view(
             for row in decision["creatives"]:
                 ctr = row["clicks"] / row["impressions"] if row["impressions"] else 0.0
                 best = row["creative_id"] == decision["best_creative_id"]
+                headline = headlines.get(row["creative_id"], "")
                 table.add_row(
-                    ("★ " if best else "  ") + row["creative_id"],
+                    ("★ " if best else "  ")
+                    + row["creative_id"]
+                    + (f"\n  [dim]{escape(headline)}[/]" if headline else ""),
                     row.get("label", ""),
                     f"{row['impressions']:,}",
                     f"{row['clicks']:,}",
@@ -77,7 +94,7 @@ def _view(
         else:
             table.add_row("(no traffic yet)", "", "", "", "", "", "", "")
         tables.append(table)
-    events = loop_events(api, scenario.campaign)
+    events = [format_cycle(c) for c in loop_cycles(api, scenario.campaign)][-6:]
     tally = exchange.tally
     elapsed = max(time.monotonic() - started, 1e-9)
     ctr = tally.clicks / tally.impressions if tally.impressions else 0.0
@@ -95,46 +112,126 @@ def _true_ctr(scenario: Scenario, creative_id: str, audience: str) -> str:
     return f"{value:.2%}" if value is not None else "?"
 
 
-def loop_events(api: HttpSelector, campaign: str) -> list[str]:
-    """One line per generation request: trigger → asked → passed filters → live → retired."""
+@dataclass
+class LoopCycle:
+    """One generation request and what became of it: verdict → request → variants
+    written and passed → live → served → the underperformer retired."""
+
+    request_id: str
+    audience: str
+    verdict: str  # "creative h3 low"
+    underperformer: str | None
+    asked: int
+    requested_at: float
+    answered: bool = False
+    failed: str | None = None
+    written: int = 0
+    seconds: float | None = None  # request → result
+    variants: list[dict[str, Any]] = field(default_factory=list)  # creatives, story items
+    retired: bool = False
+
+    @property
+    def live(self) -> list[dict[str, Any]]:
+        return [v for v in self.variants if v["creative"]["status"] == "active"]
+
+    @property
+    def served(self) -> list[dict[str, Any]]:
+        return [v for v in self.live if sum(a["impressions"] for a in v["audiences"]) > 0]
+
+    @property
+    def first_live_s(self) -> float | None:
+        """Request → its first variant published live (the generator streams them)."""
+        times = [v["creative"]["created_at"] for v in self.live]
+        return min(times) - self.requested_at if times else None
+
+    @property
+    def last_live_s(self) -> float | None:
+        """Request → its last variant published live."""
+        times = [v["creative"]["created_at"] for v in self.live]
+        return max(times) - self.requested_at if times else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.answered and self.served and self.retired)
+
+
+def loop_cycles(api: HttpSelector, campaign: str) -> list[LoopCycle]:
+    """Every generation request of the campaign, oldest first, from the audit trail and
+    the campaign's story (what a user can read from the API)."""
     status, trail = api.get(f"/v1/campaigns/{campaign}/audit")
     if status != 200:
         return []
     _, story = api.get(f"/v1/campaigns/{campaign}/story")
-    by_request: dict[str, list[dict]] = {}
-    for item in story.get("creatives", []):
+    by_request: dict[str, list[dict[str, Any]]] = {}
+    for item in (story or {}).get("creatives", []):
         lineage = item["creative"].get("lineage")
         if lineage:
             by_request.setdefault(lineage["request_id"], []).append(item)
-    retired = {e["creative_id"] for e in trail["entries"] if e["action"] == "retired"}
+    entries = trail["entries"]
+    retired = {(e["creative_id"], e["audience"]) for e in entries if e["action"] == "retired"}
     answered = {
         e["details"].get("request_id"): e["details"]
-        for e in trail["entries"]
+        for e in entries
         if e["action"] == "generation_answered"
     }
-    lines = []
-    for e in reversed(trail["entries"]):
-        if e["action"] == "generation_requested":
-            rid = e["details"].get("request_id", "")
-            trigger = e["reason"].split(":")[0]
-            line = f"{trigger} ({e['audience']}) → asked {e['details'].get('n_variants')} variants"
-            answer = answered.get(rid)
-            if answer is None:
-                lines.append(line + " → the generator is writing them…")
-                continue
-            made = by_request.get(rid, [])
-            live = [m for m in made if m["creative"]["status"] == "active"]
-            served = [m for m in live if sum(a["impressions"] for a in m["audiences"]) > 0]
-            line += (
-                f" → {answer.get('generated', '?')} written, {len(made)} passed filters"
-                f" → {len(live)} live, {len(served)} served"
+    failed = {
+        e["details"].get("request_id"): e["reason"]
+        for e in entries
+        if e["action"] == "generation_failed"
+    }
+    cycles = []
+    for e in sorted(entries, key=lambda e: e["at"]):
+        if e["action"] != "generation_requested":
+            continue
+        rid = e["details"].get("request_id", "")
+        answer = answered.get(rid)
+        variants = sorted(
+            by_request.get(rid, []),
+            key=lambda m: -sum(a["impressions"] for a in m["audiences"]),
+        )
+        cycles.append(
+            LoopCycle(
+                request_id=rid,
+                audience=e.get("audience") or "",
+                verdict=e["reason"].split(":")[0],
+                underperformer=e.get("creative_id"),
+                asked=int(e["details"].get("n_variants") or 0),
+                requested_at=e["at"],
+                answered=answer is not None,
+                failed=failed.get(rid),
+                written=int(answer.get("generated", 0)) if answer else 0,
+                seconds=float(answer["seconds"]) if answer and "seconds" in answer else None,
+                variants=variants,
+                retired=(e.get("creative_id"), e.get("audience")) in retired,
             )
-            if e.get("creative_id") in retired:
-                line += f" → {e['creative_id']} retired"
-            lines.append(line)
-        elif e["action"] == "generation_failed":
-            lines.append(f"[red]{e['reason']}[/]")
-    return lines[-8:]
+        )
+    return cycles
+
+
+def format_cycle(c: LoopCycle, headlines: int = 3) -> str:
+    """One line of the live view and the final report."""
+    line = f"{c.verdict} ({c.audience}) → asked {c.asked} variants"
+    if c.failed:
+        return f"{line} → [red]{escape(c.failed)}[/]"
+    if not c.variants and not c.answered:
+        return line + " → the generator is writing them…"
+    texts = ", ".join(f'"{escape(v["creative"]["headline"])}"' for v in c.variants[:headlines])
+    more = f" +{len(c.variants) - headlines}" if len(c.variants) > headlines else ""
+    written = f"{c.written} written, " if c.answered else "writing: "
+    line += f" → {written}{len(c.variants)} passed ({texts}{more})"
+    first = c.first_live_s
+    line += f" → {len(c.live)} live" + (f" (first after {first:.1f} s)" if first else "")
+    line += f", {len(c.served)} served"
+    if c.retired:
+        line += f" → {c.underperformer} retired"
+    if c.complete:
+        line = "[green]✓[/] " + line
+    return line
+
+
+def loop_events(api: HttpSelector, campaign: str) -> list[str]:
+    """One line per generation request: trigger → asked → passed filters → live → retired."""
+    return [format_cycle(c) for c in loop_cycles(api, campaign)][-8:]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -152,14 +249,19 @@ def run_demo(
     live_view: bool = True,
     bad_event_rate: float = 0.001,
     loop: bool = True,
+    loop_cycles_wanted: int = 1,
+    max_events: int | None = None,
 ) -> DemoSummary:
+    """``loop_cycles_wanted``: with the loop on, go on past ``events`` (up to
+    ``max_events``, default 3 × ``events``) until that many loop cycles are complete
+    (verdict → request → variants live and served → underperformer retired)."""
     console = Console(stderr=True)
     scenario = Scenario.text_aware(seed) if loop else Scenario.default(seed)
     roles = ROLES + LOOP_ROLES if loop else ROLES
     if loop:
-        # A short demo: judge creatives on less evidence than a real campaign would,
-        # and answer each request with what the LLM wrote in ~100 s (2 busy cores take
-        # ~170 s for all rounds, longer than the demo has left after the first verdict).
+        # A short demo: judge creatives on less evidence than a real campaign would.
+        # The generator publishes each variant as it passes (the first within ~10-15 s
+        # on 2 busy cores); the time limit only bounds a request that finds few.
         settings = settings.with_overrides(
             min_evidence=400, generator_seed=seed, generator_time_limit_s=125.0
         )
@@ -196,15 +298,32 @@ def run_demo(
                 # Bulk selects of `batch` impressions keep the exchange's own cost off
                 # the two cores the demo shares with adloop (one HTTP call per ~20 ms).
                 batch = max(1, min(50, int(rate / 50)))
-                for i in range(0, events, batch):
+                wanted = loop_cycles_wanted if loop else 0
+                limit = max(events, max_events if max_events is not None else 3 * events)
+                done_cycles: set[str] = set()
+                extending = False
+                i = 0
+                while i < events or (extending and i < limit):
                     target = started + i / rate
                     now = time.monotonic()
                     if target > now:
                         time.sleep(target - now)
-                    exchange.step_batch(time.time(), min(batch, events - i), api)
-                    if now >= next_view:
+                    n = min(batch, (limit if extending else events) - i)
+                    exchange.step_batch(time.time(), n, api)
+                    i += n
+                    if now >= next_view or (i >= events and not extending and wanted):
                         sup.supervise()
                         next_view = now + (0.5 if live else 5.0)
+                        if wanted:
+                            _note_cycles(api, scenario.campaign, done_cycles)
+                        if i >= events and len(done_cycles) < wanted and not extending:
+                            extending = True
+                            console.print(
+                                f"{events:,} impressions sent; no full loop cycle yet: going "
+                                f"on until one completes (at most {limit:,} impressions)"
+                            )
+                        if extending and len(done_cycles) >= wanted:
+                            break
                         if live:
                             live.update(_view(api, scenario, exchange, started))
                         elif i:
@@ -219,18 +338,56 @@ def run_demo(
             summary = _wait_for_counts(api, scenario, exchange, timeout=180.0)
             summary.bad_events_sent = exchange.tally.bad_events
             summary.dead_lettered = _count_dead_letters(settings)
+            summary.extra_events = max(0, exchange.tally.impressions - events)
             if loop:
                 summary.loop = _loop_counts(api, scenario.campaign)
-                for line in loop_events(api, scenario.campaign):
-                    console.print(line)
+                summary.cycles = loop_cycles(api, scenario.campaign)
+                _traffic_by_origin(api, scenario.campaign, summary)
             if live:
                 live.update(_view(api, scenario, exchange, started))
         finally:
             if live:
                 live.stop()
             producer.close()
-    _print_summary(console, summary)
+    _print_summary(console, summary, live_view)
     return summary
+
+
+def _note_cycles(api: HttpSelector, campaign: str, done: set[str]) -> None:
+    """Log each loop cycle once, when it completes (a sentinel for tests and logs)."""
+    for cycle in loop_cycles(api, campaign):
+        if cycle.complete and cycle.request_id not in done:
+            done.add(cycle.request_id)
+            log.info(
+                "loop cycle complete",
+                extra={
+                    "request_id": cycle.request_id,
+                    "verdict": cycle.verdict,
+                    "audience": cycle.audience,
+                    "written": cycle.written,
+                    "passed": len(cycle.variants),
+                    "live": len(cycle.live),
+                    "served": len(cycle.served),
+                    "retired": cycle.underperformer,
+                    "headlines": [v["creative"]["headline"] for v in cycle.variants],
+                    "first_live_s": cycle.first_live_s and round(cycle.first_live_s, 1),
+                    "answered_s": cycle.seconds and round(cycle.seconds, 1),
+                },
+            )
+
+
+def _traffic_by_origin(api: HttpSelector, campaign: str, summary: DemoSummary) -> None:
+    """Impressions and clicks of the generated creatives and of the initial ones."""
+    _, story = api.get(f"/v1/campaigns/{campaign}/story")
+    for item in (story or {}).get("creatives", []):
+        impressions = sum(a["impressions"] for a in item["audiences"])
+        clicks = sum(a["clicks"] for a in item["audiences"])
+        if item["creative"]["origin"] == "generated":
+            summary.generated_impressions += impressions
+            summary.generated_clicks += clicks
+        else:
+            summary.initial_impressions += impressions
+            summary.initial_clicks += clicks
 
 
 def _opt_in(api: HttpSelector, campaign: str) -> None:
@@ -328,7 +485,12 @@ def _count_dead_letters(settings: Settings) -> int:
     return count
 
 
-def _print_summary(console: Console, s: DemoSummary) -> None:
+def _print_summary(console: Console, s: DemoSummary, live_view: bool = False) -> None:
+    console.print()
+    if s.cycles and not live_view:  # the live view's last frame shows them already
+        console.print("[bold]the loop[/] (one line per generation request)")
+        for cycle in s.cycles[-8:]:
+            console.print(format_cycle(cycle, headlines=8))
     table = Table(title="adloop demo summary", show_header=False)
     table.add_row("impressions / clicks sent", f"{s.impressions:,} / {s.clicks:,}")
     table.add_row(
@@ -352,6 +514,36 @@ def _print_summary(console: Console, s: DemoSummary) -> None:
             f" → {s.loop['live']} live ({s.loop['served']} served) · {s.loop['retired']} "
             f"retired · {s.loop['failed']} failed",
         )
+        complete = [c for c in s.cycles if c.complete]
+        last = [c.last_live_s for c in s.cycles if c.last_live_s is not None]
+        first = [c.first_live_s for c in s.cycles if c.first_live_s is not None]
+        table.add_row(
+            "full loop cycles",
+            f"{len(complete)} (verdict → request → variants written and passed → live → "
+            "served → underperformer retired)"
+            + (
+                f"; from the request, the first variant live after p50 "
+                f"{_percentile(first, 0.5):.1f} s, the last after p50 "
+                f"{_percentile(last, 0.5):.1f} s"
+                if first and last
+                else ""
+            )
+            + (
+                f"; ran {s.extra_events:,} impressions past --events to finish one"
+                if s.extra_events
+                else ""
+            ),
+        )
+        total = s.generated_impressions + s.initial_impressions
+        if total:
+            gen_ctr = s.generated_clicks / max(s.generated_impressions, 1)
+            init_ctr = s.initial_clicks / max(s.initial_impressions, 1)
+            table.add_row(
+                "generated variants' traffic",
+                f"{s.generated_impressions / total:.1%} of impressions "
+                f"({s.generated_impressions:,}), CTR {gen_ctr:.3%} vs {init_ctr:.3%} for "
+                "the initial creatives (whole run)",
+            )
     table.add_row(
         "uniform random",
         f"{s.uniform_ctr:.3%} (adloop lift: {s.realized_ctr / max(s.uniform_ctr, 1e-12) - 1:+.1%})",
