@@ -460,6 +460,14 @@ def open_store(path: Path) -> Rdict:
     options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
     table = BlockBasedOptions()
     table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+    # Index and filter blocks inside that cache, not beside it: by default RocksDB keeps
+    # them in memory per SST file, so RSS grows with the join state on disk (one hour
+    # of impressions). L0's stay pinned: they are read by every lookup.
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    # Most lookups are of new ids (is this impression a duplicate?): a bloom filter
+    # answers "absent" without reading a data block.
+    table.set_bloom_filter(10, False)
     options.set_block_based_table_factory(table)
     return Rdict(str(path), options)
 
