@@ -1432,14 +1432,19 @@ def screen_answers(
 ) -> Screened:
     """Raw answers → variants that pass every filter and are new (pure).
 
-    Filter first, then dedupe against the request's creatives, the prompt's examples and
+    Filter first, then dedupe against the request's creatives (winners, underperformer and
+    the campaign's earlier creatives for the audience), the prompt's examples and
     ``kept`` (variants accepted earlier): a rejected variant must not block a later copy
     that passes.
     """
     parsed = [v for a in answers for v in parse_variants(ANSWER_PREFIX + a.text, a.complete)]
     filtered = variant_filter.apply(parsed)
     fresh, copies = drop_example_copies(filtered.accepted)
-    existing: list[Variant | ExampleCreative] = [*request.winners, *_EXAMPLE_VARIANTS]
+    existing: list[Variant | ExampleCreative] = [
+        *request.winners,
+        *request.earlier_creatives,
+        *_EXAMPLE_VARIANTS,
+    ]
     if request.underperformer is not None:
         existing.append(request.underperformer)
     unique, duplicates = dedupe(fresh, [*existing, *kept], similarity_threshold)

@@ -272,7 +272,10 @@ def dedupe(
     Two ads are duplicates when their normalised headlines match with a similarity ratio
     (rapidfuzz ``fuzz.ratio``, 0-100) of at least ``threshold``, and their descriptions
     do too — or either has none (a bare headline repeating an ad's headline adds
-    nothing). The first occurrence is kept.
+    nothing). Two headlines of four or more words that differ in one word only ("Shoes
+    for every day" / "Shoes for every run") are one ad frame, whatever the descriptions:
+    as two arms they would split traffic without the bandit learning anything. The first
+    occurrence is kept.
     """
     seen = [
         _as_seen(item, f"existing creative {getattr(item, 'creative_id', '')!s}".strip())
@@ -288,12 +291,30 @@ def dedupe(
             seen.append(_Seen(candidate.headline, candidate.description, repr(variant.headline)))
             continue
         exact = (candidate.headline, candidate.description) == (match.headline, match.description)
-        kind = "exact duplicate" if exact else "near-duplicate"
-        rejections.append(rejection(variant, "duplicate", f"{kind} of {match.label}"))
+        if exact:
+            kind = "exact duplicate of"
+        elif fuzz.ratio(candidate.headline, match.headline) >= threshold:
+            kind = "near-duplicate of"
+        else:
+            kind = "one headline word away from"
+        rejections.append(rejection(variant, "duplicate", f"{kind} {match.label}"))
     return kept, rejections
 
 
+MIN_FRAME_WORDS = 4
+
+
+def same_frame(a: str, b: str) -> bool:
+    """Normalised headlines of ``MIN_FRAME_WORDS``+ words that differ in one word only."""
+    words_a, words_b = a.split(), b.split()
+    if len(words_a) != len(words_b) or len(words_a) < MIN_FRAME_WORDS:
+        return False
+    return sum(x != y for x, y in zip(words_a, words_b, strict=True)) == 1
+
+
 def _similar(a: _Seen, b: _Seen, threshold: float) -> bool:
+    if same_frame(a.headline, b.headline):
+        return True
     if fuzz.ratio(a.headline, b.headline) < threshold:
         return False
     if not a.description or not b.description:

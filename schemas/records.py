@@ -326,6 +326,9 @@ class GenerationRequest(Record, kw_only=True):
     brief: Brief
     winners: Annotated[list[ExampleCreative], msgspec.Meta(max_length=10)] = []
     underperformer: ExampleCreative | None = None
+    # The campaign's other creatives for this audience (live, pending or retired): a new
+    # variant must not repeat one of them, or two arms would split traffic for one ad.
+    earlier_creatives: Annotated[list[ExampleCreative], msgspec.Meta(max_length=100)] = []
     n_variants: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
     # Candidates go live at once ("active") or wait for a person ("pending_review").
     auto_approve: bool = False

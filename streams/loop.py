@@ -71,6 +71,9 @@ class LoopRules:
     request_timeout_s: float = 300.0
     max_attempts: int = 3
     winners_as_examples: int = 3
+    # The newest this many of the key's other creatives travel with a request, so the
+    # generator does not write one of them again (the schema's bound).
+    earlier_creatives_max: int = 100
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,15 @@ def plan(
         (rows[cid] for cid in live_ids if cid in rows and not rows[cid].underperforming),
         key=lambda r: -r.mean,
     )[: rules.winners_as_examples]
+    shown = {r.creative_id for r in winners} | {worst.creative_id}
+    earlier = [
+        c
+        for c in creatives.values()
+        # Retired and rejected ones too: a person or the bandit already said no to them.
+        if c.campaign == decision.campaign
+        and (not c.audiences or audience in c.audiences)
+        and c.creative_id not in shown
+    ][-rules.earlier_creatives_max :]
     n = sum(1 for r in requests if _attempt_of(r.request_id) == 1) + 1
     out.request = GenerationRequest(
         request_id=f"{request_base(decision.campaign, audience)}-{n}-a1",
@@ -235,6 +247,7 @@ def plan(
         brief=settings.brief or Brief(product=decision.campaign),
         winners=[_example(creatives[r.creative_id], r.mean) for r in winners],
         underperformer=_example(creatives[worst.creative_id], worst.mean),
+        earlier_creatives=[_example(c, None) for c in earlier],
         n_variants=settings.n_variants,
         auto_approve=settings.auto_approve,
         trigger=f"creative {worst.creative_id} {worst.label}: " + "; ".join(worst.reasons),

@@ -299,9 +299,46 @@ def test_copies_of_the_prompts_worked_examples_are_dropped() -> None:
 
 
 def test_dedupe_threshold_is_configurable() -> None:
-    variants = [Variant("Fresh kicks for students"), Variant("Fresh kick for students")]
+    variants = [Variant("Fresh kicks"), Variant("Fresh kick")]
     assert len(dedupe(variants, threshold=99.5)[0]) == 2
     assert len(dedupe(variants, threshold=90)[0]) == 1
+
+
+def test_one_word_swapped_in_a_headline_frame_is_the_same_ad() -> None:
+    earlier = ExampleCreative(creative_id="gen-3-v1", headline="Shoes for every day")
+    variants = [
+        Variant("Shoes for every run", "Made for the long miles."),
+        Variant("Shoes for every step you take"),  # other length: a new frame
+        Variant("Grip that lasts all year"),
+        Variant("Grip that lasts all season"),  # one word away from the one above
+        Variant("Fast shoes"),  # too short for a frame: two words, only near-dupes count
+        Variant("Warm shoes"),
+    ]
+    kept, rejected = dedupe(variants, [earlier])
+    assert kept == [variants[1], variants[2], variants[4], variants[5]]
+    assert [r.reason for r in rejected] == [
+        "one headline word away from existing creative gen-3-v1",
+        "one headline word away from 'Grip that lasts all year'",
+    ]
+
+
+def test_screening_dedupes_against_the_campaigns_earlier_creatives() -> None:
+    from adloop.generator.filters import Answer, VariantFilter, screen_answers
+
+    request = GenerationRequest(
+        request_id="r-1",
+        campaign="shoes",
+        audience="runners",
+        brief=Brief(product="running shoes", key_message="light running shoes"),
+        earlier_creatives=[ExampleCreative(creative_id="old-1", headline="Light running shoes")],
+    )
+    screened = screen_answers(
+        request,
+        [Answer(" Light running shoes"), Answer(" Lighter runs")],
+        VariantFilter(request.brief),
+    )
+    assert [v.headline for v in screened.accepted] == ["Lighter runs"]
+    assert any("existing creative old-1" in r.reason for r in screened.rejections)
 
 
 # --- Filters: each rule passes and fails ----------------------------------------------------

@@ -174,3 +174,22 @@ def test_retire_once_the_replacement_is_live_never_pinned_never_the_last() -> No
 def test_retired_in_an_audience_is_not_served_there() -> None:
     c = creative("c2", retired_audiences=["students"])
     assert not c.targets("students") and c.targets("parents")
+
+
+def test_a_request_carries_the_keys_earlier_creatives_so_none_is_written_again() -> None:
+    pool = {
+        **HUMAN,
+        "g1": creative("g1", retired_audiences=["students"]),  # retired here: still "seen"
+        "g2": creative("g2", status="rejected"),  # a person said no
+        "g3": creative("g3", status="pending_review"),
+        "x1": creative("x1", audiences=["parents"]),  # another audience's creative
+        "o1": Creative(creative_id="o1", campaign="autumn", headline="other campaign"),
+    }
+    request = plan(UNDER, SETTINGS, pool, [], {}, 0, NOW).request
+    assert request is not None
+    # Winners (c1) and the underperformer (c2) travel in their own fields.
+    assert [c.creative_id for c in request.earlier_creatives] == ["g1", "g2", "g3"]
+    assert request.earlier_creatives[0].headline == "headline g1"
+    newest = plan(UNDER, SETTINGS, pool, [], {}, 0, NOW, LoopRules(earlier_creatives_max=2))
+    assert newest.request is not None
+    assert [c.creative_id for c in newest.request.earlier_creatives] == ["g2", "g3"]
