@@ -351,6 +351,9 @@ class GenerationResult(Record, kw_only=True):
     audience: str
     status: Literal["ok", "failed"]
     error: str | None = None
+    # False when asking again with the same brief and settings fails the same way (a
+    # language the model does not write): the loop does not retry it.
+    retryable: bool = True
     creative_ids: list[str] = []
     generated: int = 0
     passed_filters: int = 0

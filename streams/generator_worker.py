@@ -358,7 +358,7 @@ class GeneratorWorker:
                 # code, and a failed result that says why (never English text).
                 message = f"{error.reason_code}: {error}"
                 await self._dead_letter(accepted_records[rid], error.reason_code, str(error))
-                await self._finish(answer, None, error=message)
+                await self._finish(answer, None, error=message, retryable=False)
                 del answers[rid]
             elif self.load_error is not None:
                 await self._dead_letter(accepted_records[rid], "model_unavailable", self.load_error)
@@ -505,7 +505,9 @@ class GeneratorWorker:
                 },
             )
 
-    async def _finish(self, answer: _Answer, outcome: Any, error: str | None = None) -> None:
+    async def _finish(
+        self, answer: _Answer, outcome: Any, error: str | None = None, retryable: bool = True
+    ) -> None:
         """The request's one result: every creative published for it (this run and any
         earlier one), the rejections with their reasons, or why it failed."""
         request = answer.request
@@ -521,6 +523,7 @@ class GeneratorWorker:
             audience=request.audience,
             status="failed" if error else "ok",
             error=error,
+            retryable=retryable,
             creative_ids=[c.creative_id for c in answer.creatives],
             generated=getattr(outcome, "parsed", 0) if outcome is not None else 0,
             passed_filters=len(answer.creatives),

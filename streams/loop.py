@@ -74,6 +74,9 @@ class LoopRules:
     # The newest this many of the key's other creatives travel with a request, so the
     # generator does not write one of them again (the schema's bound).
     earlier_creatives_max: int = 100
+    # A refused request (not retryable) is asked again only after the brief changes or
+    # this long (the generator's model may have been changed meanwhile).
+    refusal_hold_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,20 @@ def plan(
         if result is None and not timed_out:
             out.held_back = f"request {last.request_id} is open"
             return out
-        if failed or timed_out:
+        if failed and result is not None and not result.retryable:
+            # Refused for good (e.g. a language the model does not write): asking again
+            # with the same brief would be refused again, so hold until the brief changes.
+            if last.request_id not in reported:
+                out.failures.append(f"request {last.request_id} refused: {result.error}")
+            held_for = now - _finished_at(last, result)
+            if last.brief == settings.brief and held_for < rules.refusal_hold_s:
+                out.held_back = (
+                    f"request {last.request_id} was refused ({result.error}): change the "
+                    "campaign's brief, or configure a generator model that writes it (asked "
+                    f"again in {rules.refusal_hold_s - held_for:.0f} s)"
+                )
+                return out
+        elif failed or timed_out:
             why = result.error if failed and result is not None else "no answer in time"
             attempt = _attempt_of(last.request_id)
             if attempt >= rules.max_attempts:

@@ -166,6 +166,7 @@ def test_first_variant_published_before_the_request_ends_and_zh_is_refused(
         refused = wait_for(lambda: read_all(settings, "generation_results"), "zh result")
         assert refused[0]["status"] == "failed"
         assert refused[0]["error"].startswith("unsupported_language:")
+        assert refused[0]["retryable"] is False  # the loop holds instead of retrying
         assert "ADLOOP_LLM_MODEL" in refused[0]["error"] and refused[0]["creative_ids"] == []
         letters = wait_for(lambda: read_all(settings, "dead_letter"), "zh dead letter")
         assert letters[0]["reason_code"] == "unsupported_language"

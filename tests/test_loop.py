@@ -193,3 +193,31 @@ def test_a_request_carries_the_keys_earlier_creatives_so_none_is_written_again()
     newest = plan(UNDER, SETTINGS, pool, [], {}, 0, NOW, LoopRules(earlier_creatives_max=2))
     assert newest.request is not None
     assert [c.creative_id for c in newest.request.earlier_creatives] == ["g2", "g3"]
+
+
+def test_a_refused_request_is_not_retried_until_the_brief_changes_or_the_hold_ends() -> None:
+    zh = structs.replace(SETTINGS, brief=Brief(product="跑鞋", language="zh"), cooldown_s=0)
+    rules = LoopRules(refusal_hold_s=3600)
+    first = plan(UNDER, zh, HUMAN, [], {}, 0, NOW, rules).request
+    assert first is not None
+    refused = GenerationResult(
+        request_id=first.request_id,
+        campaign="spring",
+        audience="students",
+        status="failed",
+        error="unsupported_language: set ADLOOP_LLM_MODEL",
+        retryable=False,
+        finished_at=NOW + 1,
+    )
+    done = {first.request_id: refused}
+    p = plan(UNDER, zh, HUMAN, [first], done, 1, NOW + 60, rules)
+    assert p.request is None  # no "-a2" retry of a request that cannot succeed
+    assert p.failures == [f"request {first.request_id} refused: {refused.error}"]
+    assert "change the campaign's brief" in (p.held_back or "")
+    # A new brief: a new request at once.
+    english = structs.replace(zh, brief=BRIEF)
+    fresh = plan(UNDER, english, HUMAN, [first], done, 1, NOW + 60, rules).request
+    assert fresh is not None and fresh.request_id.endswith("-2-a1") and fresh.brief == BRIEF
+    # The same brief after the hold (the model may have changed): asked again.
+    later = plan(UNDER, zh, HUMAN, [first], done, 1, NOW + 3602, rules).request
+    assert later is not None and later.request_id.endswith("-2-a1")
