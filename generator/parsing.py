@@ -285,18 +285,15 @@ def dedupe(
     rejections: list[Rejection] = []
     for variant in variants:
         candidate = _as_seen(variant, "")
-        match = next((s for s in seen if _similar(candidate, s, threshold)), None)
-        if match is None:
+        found = next(
+            ((s, kind) for s in seen if (kind := _duplicate_kind(candidate, s, threshold))),
+            None,
+        )
+        if found is None:
             kept.append(variant)
             seen.append(_Seen(candidate.headline, candidate.description, repr(variant.headline)))
             continue
-        exact = (candidate.headline, candidate.description) == (match.headline, match.description)
-        if exact:
-            kind = "exact duplicate of"
-        elif fuzz.ratio(candidate.headline, match.headline) >= threshold:
-            kind = "near-duplicate of"
-        else:
-            kind = "one headline word away from"
+        match, kind = found
         rejections.append(rejection(variant, "duplicate", f"{kind} {match.label}"))
     return kept, rejections
 
@@ -312,11 +309,16 @@ def same_frame(a: str, b: str) -> bool:
     return sum(x != y for x, y in zip(words_a, words_b, strict=True)) == 1
 
 
-def _similar(a: _Seen, b: _Seen, threshold: float) -> bool:
-    if same_frame(a.headline, b.headline):
-        return True
-    if fuzz.ratio(a.headline, b.headline) < threshold:
-        return False
-    if not a.description or not b.description:
-        return True
-    return fuzz.ratio(a.description, b.description) >= threshold
+def _duplicate_kind(a: _Seen, b: _Seen, threshold: float) -> str | None:
+    """How ``a`` repeats ``b`` (the start of a rejection's reason), or None if it does not."""
+    near_headline = fuzz.ratio(a.headline, b.headline) >= threshold
+    near = near_headline and (
+        not a.description
+        or not b.description
+        or fuzz.ratio(a.description, b.description) >= threshold
+    )
+    if not near and not same_frame(a.headline, b.headline):
+        return None
+    if (a.headline, a.description) == (b.headline, b.description):
+        return "exact duplicate of"
+    return "near-duplicate of" if near_headline else "one headline word away from"

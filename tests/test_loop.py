@@ -53,6 +53,20 @@ def creative(cid: str, **kw: object) -> Creative:
     return Creative(creative_id=cid, campaign="spring", headline=f"headline {cid}", **kw)
 
 
+def failed_result(
+    request_id: str, error: str, finished_at: float, retryable: bool = True
+) -> GenerationResult:
+    return GenerationResult(
+        request_id=request_id,
+        campaign="spring",
+        audience="students",
+        status="failed",
+        error=error,
+        retryable=retryable,
+        finished_at=finished_at,
+    )
+
+
 HUMAN = {"c1": creative("c1"), "c2": creative("c2")}
 SETTINGS = CampaignSettings(campaign="spring", brief=BRIEF, cooldown_s=600, generation_budget=5)
 UNDER = decision(row("c1", 0.03, "best"), row("c2", 0.01, "low", under=True))
@@ -106,14 +120,7 @@ def test_failed_or_silent_requests_are_retried_then_reported() -> None:
     assert first is not None
     retry = plan(UNDER, SETTINGS, HUMAN, [first], {}, 1, NOW + 61, rules).request
     assert retry is not None and retry.request_id.endswith("-a2")
-    failed = GenerationResult(
-        request_id=retry.request_id,
-        campaign="spring",
-        audience="students",
-        status="failed",
-        error="model could not load",
-        finished_at=NOW + 70,
-    )
+    failed = failed_result(retry.request_id, "model could not load", NOW + 70)
     p = plan(UNDER, SETTINGS, HUMAN, [first, retry], {retry.request_id: failed}, 2, NOW + 80, rules)
     assert p.request is None
     assert p.failures == [
@@ -200,14 +207,8 @@ def test_a_refused_request_is_not_retried_until_the_brief_changes_or_the_hold_en
     rules = LoopRules(refusal_hold_s=3600)
     first = plan(UNDER, zh, HUMAN, [], {}, 0, NOW, rules).request
     assert first is not None
-    refused = GenerationResult(
-        request_id=first.request_id,
-        campaign="spring",
-        audience="students",
-        status="failed",
-        error="unsupported_language: set ADLOOP_LLM_MODEL",
-        retryable=False,
-        finished_at=NOW + 1,
+    refused = failed_result(
+        first.request_id, "unsupported_language: set ADLOOP_LLM_MODEL", NOW + 1, retryable=False
     )
     done = {first.request_id: refused}
     p = plan(UNDER, zh, HUMAN, [first], done, 1, NOW + 60, rules)
