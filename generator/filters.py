@@ -3,9 +3,10 @@
 Rules, cheapest first (``VariantFilter`` reports the first one a variant fails):
 
 * ``format``: a headline with letters in it; no markup, template or instruction residue
-  (``<``, ``{``, ``[``, ``|``, field labels, "at most 30 characters", chat tokens) and no
-  invisible characters (zero-width spaces, soft hyphens, bidi controls) — whatever a
-  brief smuggled in, the answer must still be plain ad copy;
+  (``<``, ``{``, ``[``, ``|``, field labels, "at most 30 characters", chat tokens), no
+  invisible characters (zero-width spaces, soft hyphens, bidi controls) and no control
+  characters (a backspace, an escape) — whatever a brief smuggled in, the answer must
+  still be plain ad copy;
 * ``length``: headline ``min_headline_chars``..``max_headline_chars`` (30), description
   at most ``max_description_chars`` (90), as for responsive search ads;
 * ``pii``: email addresses and phone numbers, also written out ("name at gmail dot com",
@@ -300,6 +301,10 @@ _INVISIBLE = re.compile(
     "\u2066-\u2069\u3164\ufeff\uffa0]|(?<=[A-Za-z0-9])[\u200c\u200d](?=[A-Za-z0-9])"
 )
 
+# Control characters (C0 but tab, DEL, C1): a model sampling from its whole vocabulary
+# wrote "Run\x08" (a backspace), which rendered as "Run" and passed every other rule.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
 
 @dataclass(frozen=True, slots=True)
 class FormatRule:
@@ -315,6 +320,8 @@ class FormatRule:
                 return f"{label} contains prompt or template residue {match.group(0)!r}"
             if match := _INVISIBLE.search(text):
                 return f"{label} contains an invisible character U+{ord(match.group(0)):04X}"
+            if match := _CONTROL.search(text):
+                return f"{label} contains a control character U+{ord(match.group(0)):04X}"
         if not any(ch.isalpha() for ch in variant.headline):
             return "headline has no letters"
         if variant.description and not any(ch.isalpha() for ch in variant.description):
@@ -1143,6 +1150,23 @@ def _negated(text: str, start: int, end: int) -> bool:
     return bool(_CLAUSE_NEGATION.search(before))
 
 
+# Phrases that are this rule's claim wherever they stand (by key): decoding bans them when
+# the brief does not make that claim (``ClaimsRule.banned_phrases``), so the model does
+# not spend an answer on "The Best Running Shoes" only to have it rejected here. Lower
+# case; decoding adds the other case forms. Phrases the rule lets through in some
+# contexts ("the best of", "make the most of") cost little to lose.
+_DECODING_BANS: dict[str, tuple[str, ...]] = {
+    "best": (
+        "the best", "the very best", "the most", "world's best", "world's most",
+        *(f"the {word}" for word in _EST.split("|") if word != "best"),
+    ),
+    "best-selling": ("best-selling", "best selling", "bestseller", "best-seller", "most popular"),
+    "top-rated": ("top-rated", "top rated", "highest-rated"),
+    "unbeatable": ("unbeatable", "unmatched", "unrivalled", "unrivaled", "unparalleled"),
+    "award-winning": ("award-winning", "award winning"),
+}  # fmt: skip
+
+
 def stated_claims(brief: Brief) -> frozenset[str]:
     """Keys of the offers, health claims and superlatives the brief makes (not those it
     rules out): product, key message, constraints and required terms."""
@@ -1187,6 +1211,15 @@ class ClaimsRule:
         text = " ".join([brief.product, brief.key_message, *brief.constraints])
         text = " ".join([text, *brief.required_terms])
         return cls(frozenset(_figures(text)), stated_claims(brief))
+
+    def banned_phrases(self) -> tuple[str, ...]:
+        """Phrases that always make a claim the brief does not (for decoding to ban)."""
+        return tuple(
+            phrase
+            for key, phrases in _DECODING_BANS.items()
+            if key not in self.stated
+            for phrase in phrases
+        )
 
     def check(self, variant: Variant) -> str | None:
         raw = f"{variant.headline}\n{variant.description}"

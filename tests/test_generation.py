@@ -81,7 +81,7 @@ def test_prompt_holds_the_request_as_json_data_and_a_fixed_task() -> None:
         language="de",
     )
     messages = build_messages(request)
-    assert PROMPT_VERSION == "variants-v2"
+    assert PROMPT_VERSION == "variants-v3"
     assert messages[0] == {"role": "system", "content": SYSTEM_MESSAGE}
     # The campaign's winner is the worked example: a fixed request, answered with it.
     assert messages[1:3] == [
@@ -101,7 +101,9 @@ def test_prompt_holds_the_request_as_json_data_and_a_fixed_task() -> None:
     assert data["ad_to_move_away_from"] == {"headline": "Buy shoes now"}
     assert "in German" in after and "ad_to_move_away_from" in after
     assert "Headline: ... | Description: ..." in after
-    assert "at most 30 characters" in after
+    # The limits are decoding's: named in the prompt, they were echoed as headlines.
+    assert "short headline and a one-sentence description" in after
+    assert "at most" not in after and "characters" not in after
     # Without usable winners they stay data, and a fixed example shows the format.
     fallback = build_messages(
         make_request(winners=[ExampleCreative(creative_id="w", headline="x" * 60)])
@@ -352,6 +354,9 @@ def test_format_rule() -> None:
     assert "residue" in (rule.check(Variant("Run more", "at most 90 characters")) or "")
     assert "residue" in (rule.check(Variant("Headline: Run")) or "")
     assert "no letters" in (rule.check(Variant("2024 !!!")) or "")
+    assert "control character U+0008" in (rule.check(Variant("Run\x08")) or "")
+    assert "control character U+001B" in (rule.check(Variant("Run", "Fast\x1b now")) or "")
+    assert rule.check(Variant("Run more", "Fast\tshoes.")) is None  # a tab is whitespace
 
 
 def test_length_rule_defaults_and_configuration() -> None:
@@ -458,6 +463,18 @@ def test_claims_rule_passes_only_figures_the_brief_states() -> None:
     reason = rule.check(Variant("Light, A-1, 90% Off"))
     assert reason == "states 1, 90, a figure not in the brief (it states: 2, 30, 4.8)"
     assert rule.check(Variant("Rated 4,8 by runners")) is None  # decimal comma
+
+
+def test_claims_rule_names_the_phrases_decoding_must_not_write() -> None:
+    plain = ClaimsRule.for_brief(Brief(product="cold brew", key_message="smooth, no sugar"))
+    banned = plain.banned_phrases()
+    assert {"the best", "the finest", "best-selling", "unbeatable", "top-rated"} <= set(banned)
+    # Each banned phrase is one the rule rejects for this brief.
+    for phrase in ("the finest", "best-selling", "unbeatable", "top-rated"):
+        assert plain.check(Variant(f"Cold brew, {phrase} beans")) is not None, phrase
+    # A brief that makes the claim may have it written.
+    stated = ClaimsRule.for_brief(Brief(product="cold brew", key_message="the best-selling brew"))
+    assert "best-selling" not in stated.banned_phrases()
 
 
 def test_variant_filter_reports_the_first_failing_rule_with_a_reason() -> None:
