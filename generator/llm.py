@@ -35,9 +35,10 @@ from typing import Any
 
 from adloop.generator.decoding import (
     AnswerShape,
+    claim_sequences,
+    copy_sequences,
     echo_ids,
     echo_sequences,
-    example_headline_sequences,
 )
 from adloop.generator.engines import (
     Engine,
@@ -102,6 +103,9 @@ _NON_LATIN = (
     "ru uk bg sr mk be kk ky mn tg el ar fa ur ps he hi mr ne sa bn ta te th ka hy ja zh ko"
 )
 NON_LATIN_LANGUAGES = frozenset(_NON_LATIN.split())
+# Earlier creatives (newest first) whose headlines decoding bans, with their frames:
+# each costs four banned sequences, checked at every step of the headline.
+BANNED_EARLIER_CREATIVES = 20
 # A weak prior for a request's pass rate in later rounds: worth this many answers.
 _PRIOR_ANSWERS = 4.0
 
@@ -190,6 +194,8 @@ class _RequestRun:
     outcome: GenerationOutcome
     job: RowJob
     accepted: list[Variant] = field(default_factory=list)
+    # The job's banned sequences before the request's own headlines were added.
+    base_bad: list[list[int]] | None = None
 
 
 class _Sink:
@@ -529,6 +535,7 @@ class VariantGenerator:
                 jobs = rest
                 round_seed = None if round_seed is None else round_seed + 500
             if jobs and not sink.interrupted():
+                self._ban_accepted(jobs, by_job, engine)
                 engine.sample(jobs, self.sampling, round_seed, sink)
         elapsed = time.perf_counter() - started
         outcomes = []
@@ -571,14 +578,18 @@ class VariantGenerator:
             min_headline_chars=self.filter_config.min_headline_chars,
             with_description=plan.with_description,
         )
-        allowed = ClaimsRule.for_brief(request.brief).allowed
+        claims = ClaimsRule.for_brief(request.brief)
+        allowed = claims.allowed
         tokenizer = engine.tokenizer
         latin = request.brief.language not in NON_LATIN_LANGUAGES
-        # Verbatim copies of the examples, the winners and the underperformer would be
+        # Copies of the examples, the winners, the underperformer and the key's newest
+        # earlier creatives, and those headlines with one end word changed, would be
         # rejected as duplicates: never let the model write them.
         known = [*plan.example_headlines, *(w.headline for w in request.winners)]
         if request.underperformer is not None:
             known.append(request.underperformer.headline)
+        known += [c.headline for c in request.earlier_creatives[:BANNED_EARLIER_CREATIVES]]
+        brief = f"{request.brief.product} {request.brief.key_message}"
         job = RowJob(
             key=index,
             prompt_ids=engine.chat_prompt(plan.messages, ANSWER_PREFIX),
@@ -592,9 +603,10 @@ class VariantGenerator:
                 }
             ),
             bad_sequences=[
-                *example_headline_sequences(tokenizer, dict.fromkeys(known)),
+                *copy_sequences(tokenizer, known, brief),
                 *echo_sequences(tokenizer),
             ],
+            banned_phrases=claim_sequences(tokenizer, claims.banned_phrases()),
         )
         variant_filter = VariantFilter(
             request.brief, self.filter_config, relevance=self._relevance_rule(request)
@@ -603,6 +615,20 @@ class VariantGenerator:
             request.request_id, [], [], filters_passed=variant_filter.rule_names, engine=engine.name
         )
         return _RequestRun(index, request, variant_filter, outcome, job)
+
+    @staticmethod
+    def _ban_accepted(jobs: list[RowJob], by_job: dict[int, _RequestRun], engine: Engine) -> None:
+        """Before a later engine call: the request's own passing headlines join the
+        banned copies, so the model does not spend rows on repeats of them."""
+        for job in jobs:
+            run = by_job[id(job)]
+            if not run.accepted:
+                continue
+            if run.base_bad is None:
+                run.base_bad = list(job.bad_sequences)
+            brief = f"{run.request.brief.product} {run.request.brief.key_message}"
+            own = copy_sequences(engine.tokenizer, [v.headline for v in run.accepted], brief)
+            job.bad_sequences = [*run.base_bad, *own]
 
     def _relevance_rule(self, request: GenerationRequest) -> Any:
         if self.relevance is None:

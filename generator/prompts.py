@@ -30,6 +30,7 @@ only: an English example pulls other languages towards English). The answer form
 follows the examples: a description is asked for when they have one. Prompt v1 (two
 fixed examples, winners in the data block) was ~380 tokens and its examples were
 copied; v2 is 110-150 tokens (measured with SmolLM2's tokenizer on the bench briefs).
+v3 drops the character limits from the task text (``task_message``): they were echoed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from adloop.schemas.records import ExampleCreative, GenerationRequest
 
 # Part of every generated creative's lineage: bump it whenever the text below or the
 # data block's layout changes, so results stay attributable to the prompt that made them.
-PROMPT_VERSION = "variants-v2"
+PROMPT_VERSION = "variants-v3"
 
 DATA_OPEN = "<data>"
 DATA_CLOSE = "</data>"
@@ -243,22 +244,28 @@ def task_message(
     with_description: bool = True,
     after_examples: bool = False,
 ) -> str:
-    """The instructions after the data block: only integers, flags and a table lookup vary."""
+    """The instructions after the data block: only flags and a table lookup vary.
+
+    The character limits are not in the text (prompt v3): told "Headline: at most 30
+    characters", SmolLM2 wrote "at least ...", "At the Most Recent ..." and bare "At"
+    as headlines (a third of its answers started that way; "at most" itself is banned,
+    ``generator.decoding.ECHOED_WORDS``). "Short" and "one sentence" say enough, and
+    decoding holds every answer to ``limits`` (``AnswerShape``). ``limits`` stays a
+    parameter so callers need not know."""
+    del limits, after_examples  # the limits are decoding's (see above)
     away = ", different from ad_to_move_away_from" if has_underperformer else ""
     # After examples, "a new ad" is enough: a sentence asking for something different
     # was echoed into the ads ("Make it different from the previous ones"), and copies
     # of the examples cannot be written anyway (generator.decoding).
-    again = ""
     if with_description:
         return (
             f"Write a new ad in {language_name(language)} for this product and audience"
-            f"{away}. Headline: at most {limits.max_headline_chars} characters. "
-            f"Description: at most {limits.max_description_chars} characters.{again}\n"
+            f"{away}: a short headline and a one-sentence description.\n"
             f"Format: {OUTPUT_FORMAT}"
         )
     return (
-        f"Write a new ad headline in {language_name(language)} for this product and "
-        f"audience{away}, at most {limits.max_headline_chars} characters.{again}\n"
+        f"Write a new short ad headline in {language_name(language)} for this product "
+        f"and audience{away}.\n"
         f"Format: {ANSWER_PREFIX} ..."
     )
 

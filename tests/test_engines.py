@@ -22,8 +22,11 @@ import pytest
 from adloop.generator.decoding import (
     AnswerShape,
     TokenRules,
+    claim_sequences,
+    copy_sequences,
     example_headline_sequences,
     extra_end_probability,
+    headline_frames,
     inspect,
 )
 from adloop.generator.engines import SamplingConfig, resolve_engine
@@ -213,6 +216,65 @@ def test_token_rules_ban_markup_and_unstated_figures(english_model: Path) -> Non
     assert rules.digit_ids_allowed_after("Save 30", {"30"}) == set()
     copies = example_headline_sequences(tokenizer, ["Run Light, Pay Less"])
     assert copies and all(len(seq) >= 2 for seq in copies)
+
+
+def test_headline_frames_leave_out_one_end_word_but_never_the_briefs_words() -> None:
+    assert headline_frames(["Quiet Flights, Every Time"]) == [
+        "Quiet Flights, Every",
+        "Flights, Every Time",
+    ]
+    assert headline_frames(["Cold Brew Daily"], "cold brew coffee cans") == ["Brew Daily"]
+    assert headline_frames(["Run Light", "Go"]) == []  # too short to have a frame
+    assert headline_frames(["A B C D", "A B C D"]) == ["A B C", "B C D"]
+
+
+def test_copy_and_claim_sequences_cover_the_case_forms_the_model_switches_to(
+    english_model: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(english_model)
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    banned = copy_sequences(tokenizer, ["Run Light Today Now"], "TrailRun running shoes")
+    for text in ("Run Light Today Now", " Run Light Today", " Run light today", " Run Light today"):
+        assert ids(text) in banned, text
+    claims = claim_sequences(tokenizer, ["the best", "unbeatable"])
+    for text in (" the best", " The Best", "The best", " Unbeatable", "unbeatable"):
+        assert ids(text) in claims, text
+
+
+@pytest.mark.parametrize("engine", ["transformers-fp32", "ctranslate2-int8"])
+def test_earlier_headlines_and_their_frames_cannot_be_written(
+    engine: str, english_model: Path, tmp_path: Path
+) -> None:
+    """The scripted model can only write "Run Light Today ...": with an earlier creative
+    "Run Light Today Now" its frame "Run Light Today" is banned, so it never does."""
+    pytest.importorskip("ctranslate2") if engine.startswith("ctranslate2") else None
+    g = generator(english_model, engine, tmp_path, oversample=2.0, first_batch=0)
+    earlier = [ExampleCreative(creative_id="old-v1", headline="Run Light Today Now")]
+    [outcome] = g.generate([request(n_variants=1, earlier_creatives=earlier)])
+    written = [v.headline for v in outcome.variants] + [r.headline for r in outcome.rejections]
+    assert outcome.screened >= 1 and written
+    assert not any(h.startswith("Run Light Today") for h in written), written
+    # Without it, the same model and seed write it (the ban is what stopped it).
+    [free] = g.generate([request(n_variants=1)])
+    assert [v.headline for v in free.variants] == ["Run Light Today"]
+
+
+def test_a_requests_own_passing_headlines_are_banned_in_its_later_calls(
+    english_model: Path, tmp_path: Path
+) -> None:
+    """n=2 from a model that writes one ad: the first call's row passes; the rows of the
+    later calls cannot write it again, so none of them is its duplicate."""
+    g = generator(english_model, "transformers-fp32", tmp_path, first_batch=1)
+    [outcome] = g.generate([request(n_variants=2)])
+    assert outcome.variants[0].headline == "Run Light Today"
+    assert outcome.screened > 1  # the later rows wrote something else (random junk)
+    written = [v.headline for v in outcome.variants[1:]] + [r.headline for r in outcome.rejections]
+    assert "Run Light Today" not in written, written
 
 
 # --- prompt v2 ---------------------------------------------------------------------------------
