@@ -433,6 +433,11 @@ def bench_contextual(
     help="the same architectures with random weights (automatic without the real ones)",
 )
 @click.option("--quick", is_flag=True, help="2 briefs, 1 repeat, 4 variants (a smoke run)")
+@click.option(
+    "--no-relevance",
+    is_flag=True,
+    help="leave out the relevance rule (similarity to product + key message)",
+)
 @out_option
 def bench_generator(
     variants: int,
@@ -442,6 +447,7 @@ def bench_generator(
     repeats: int,
     random_weights: bool,
     quick: bool,
+    no_relevance: bool,
     out: Path,
 ) -> None:
     """Engines side by side: seconds per request, first variant, tokens/s, variants/s,
@@ -462,6 +468,7 @@ def bench_generator(
         threads=threads,
         random_weights=random_weights,
         quick=quick,
+        relevance=not no_relevance,
     )
     try:
         result = run_generation(out, options)

@@ -5,12 +5,15 @@ briefs, interleaved (brief 1 on every engine, then brief 2, ...) so a load chang
 shared machine hits every engine alike:
 
 * **requests** of n variants (8), end to end through ``VariantGenerator.stream`` with the
-  CTR model scoring each streamed batch: seconds per request (p50, p95) until the
-  request is written, filtered and scored; seconds to the first passing variant; the
-  pass rate (answers whose variant passed every filter / answers finished); rejections
-  by rule; tokens/s and passing variants/s; diversity of what passed: distinct-1 /
-  distinct-2 (unique n-grams over all n-grams, Li et al. 2016) and the embedding
-  spread (mean pairwise cosine distance of all-MiniLM-L6-v2 sentence embeddings);
+  CTR model scoring each streamed batch and every filter the generator worker runs,
+  the relevance rule included (``--no-relevance``: without it): seconds per request
+  (p50, p95) until the request is written, filtered and scored; seconds to the first
+  passing variant; the pass rate (answers whose variant passed every filter / answers
+  finished); rejections by rule; tokens/s and passing variants/s; relevance of what
+  passed (mean cosine similarity to the brief's product + key message, the rule's
+  measure); diversity of what passed: distinct-1 / distinct-2 (unique n-grams over all
+  n-grams, Li et al. 2016) and the embedding spread (mean pairwise cosine distance of
+  all-MiniLM-L6-v2 sentence embeddings);
 * **raw sampling speed**: tokens/s sampling exactly 24 new tokens for 1 and 16 rows
   (CPU) or 1, 64 and 256 rows (CUDA) of one prompt, without the decoding rules;
 * on CUDA, **batched requests**: as many requests at once as fill 64 and 256 rows
@@ -107,6 +110,8 @@ class GeneratorBenchOptions:
     quick: bool = False
     seed: int = 1
     models_dir: Path | None = None  # CTranslate2 conversions; None: the settings' one
+    # The relevance rule, as the generator worker runs it (off: the other filters only).
+    relevance: bool = True
 
 
 def requests_for(options: GeneratorBenchOptions, n_variants: int) -> list[GenerationRequest]:
@@ -253,7 +258,10 @@ def _request_run(generator: Any, request: GenerationRequest, scorer: Any) -> dic
     seconds = time.perf_counter() - started
     assert outcome is not None
     texts = [f"{v.headline} {v.description}".strip() for v in outcome.variants]
+    rule = generator._relevance_rule(request)
+    similarities = rule.similarities(outcome.variants) if rule and outcome.variants else []
     return {
+        "relevance": [float(x) for x in similarities],
         "seconds": seconds,
         "first_variant_s": first,
         "passed": len(outcome.variants),
@@ -315,6 +323,7 @@ def _pipeline_run(generator: Any, request: GenerationRequest, scorer: Any) -> di
         "parsed": 0,
         "tokens": tokens,
         "rounds": 1,
+        "relevance": [],
         "rejections": {},
         "texts": [],
         "examples": [t[:40] for t in texts[:2]],
@@ -362,6 +371,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for rule, count in r["rejections"].items():
             rejections[rule] = rejections.get(rule, 0) + count
     spreads = [s for r in runs if (s := r.get("embedding_spread")) is not None]
+    relevance = [x for r in runs for x in r.get("relevance", [])]
     return {
         "requests": len(runs),
         "seconds_per_request_p50": _pct(seconds, 50),
@@ -376,6 +386,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "distinct_1": float(np.mean([r["distinct_1"] for r in runs])) if runs else 0.0,
         "distinct_2": float(np.mean([r["distinct_2"] for r in runs])) if runs else 0.0,
         "embedding_spread": float(np.mean(spreads)) if spreads else None,
+        "relevance_mean": float(np.mean(relevance)) if relevance else None,
+        "relevance_min": float(np.min(relevance)) if relevance else None,
     }
 
 
@@ -467,6 +479,15 @@ def run(out: Path, options: GeneratorBenchOptions) -> dict[str, Any]:
             except Exception as exc:  # e.g. CTranslate2 without CUDA support: say so
                 loads[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 notes.append(f"{name} not measured: {type(exc).__name__}: {exc}")
+        relevance_threshold = None
+        if options.relevance and not random_weights:
+            from adloop.generator.relevance import DEFAULT_RELEVANCE_THRESHOLD, SentenceEncoder
+
+            encoder = SentenceEncoder.load(threads=options.threads)
+            relevance_threshold = DEFAULT_RELEVANCE_THRESHOLD
+            for generator in engines.values():  # as the generator worker sets it up
+                generator.relevance = encoder
+                generator.relevance_threshold = relevance_threshold
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
         for repeat in range(repeats):
             for generator in engines.values():  # a new sample each repeat, same per engine
@@ -534,6 +555,7 @@ def run(out: Path, options: GeneratorBenchOptions) -> dict[str, Any]:
                 "threads": options.threads,
                 "quick": options.quick,
                 "seed": options.seed,
+                "relevance_threshold": relevance_threshold,
                 "briefs": [r.brief.product for r in requests],
             },
             "auto": {
@@ -562,6 +584,16 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def relevance_line(threshold: float | None) -> str:
+    if threshold is None:
+        return "Filters: every rule but relevance (--no-relevance or random weights)."
+    return (
+        f"Filters: every rule the generator worker runs, relevance included (cosine "
+        f"similarity to product + key message ≥ {threshold:.2f}); the relevance column is "
+        "the mean similarity of the variants that passed."
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The engine comparison as a markdown table, with the machine's state."""
     machine = result["machine"]
@@ -579,12 +611,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['options']['n_variants']} variants per request, "
         f"{len(result['options']['briefs'])} briefs × {result['options']['repeats']} repeats.",
         "",
+        relevance_line(result["options"].get("relevance_threshold")),
+        "",
     ]
     raw = result["raw_tokens_per_s"]
     sizes = sorted({int(k) for r in raw.values() for k in r})
     header = (
         "| engine | s/request p50 | p95 | first variant s p50 | tokens/s | variants/s "
-        "| pass rate | distinct-1 / -2 | spread | "
+        "| pass rate | relevance | distinct-1 / -2 | spread | "
         + " | ".join(f"raw tok/s ×{s}" for s in sizes)
         + " | load s |"
     )
@@ -598,6 +632,7 @@ def markdown(result: dict[str, Any]) -> str:
             _fmt(s["tokens_per_s"], ".0f"),
             _fmt(s["variants_per_s"], ".2f"),
             f"{s['pass_rate']:.0%}",
+            _fmt(s.get("relevance_mean"), ".2f"),
             f"{s['distinct_1']:.2f} / {s['distinct_2']:.2f}",
             _fmt(s["embedding_spread"], ".2f"),
             *(_fmt(raw.get(name, {}).get(str(size)), ".0f") for size in sizes),
