@@ -291,12 +291,6 @@ def phrase_sequences(
     return sequences
 
 
-def example_headline_sequences(tokenizer: Any, headlines: Iterable[str]) -> list[list[int]]:
-    """Each example headline as the model would write it after ``Headline:``: banned,
-    so the model cannot copy it (a copy is rejected as a duplicate)."""
-    return phrase_sequences(tokenizer, headlines, min_tokens=2)
-
-
 # Headlines of this many words or more have frames; a frame that is the product's own
 # words ("Cold Brew" of "Cold Brew Daily") is never banned (see below).
 MIN_FRAME_HEADLINE_WORDS = 3

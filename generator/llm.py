@@ -110,6 +110,11 @@ BANNED_EARLIER_CREATIVES = 20
 _PRIOR_ANSWERS = 4.0
 
 
+def _brief_words(request: GenerationRequest) -> str:
+    """The words a banned frame may not be (``decoding.headline_frames``)."""
+    return f"{request.brief.product} {request.brief.key_message}"
+
+
 class UnsupportedLanguageError(ValueError):
     """The configured model does not write the request's language. Not retryable with
     the same settings: a dead letter (``reason_code``), not a failed attempt."""
@@ -589,7 +594,7 @@ class VariantGenerator:
         if request.underperformer is not None:
             known.append(request.underperformer.headline)
         known += [c.headline for c in request.earlier_creatives[:BANNED_EARLIER_CREATIVES]]
-        brief = f"{request.brief.product} {request.brief.key_message}"
+        brief = _brief_words(request)
         job = RowJob(
             key=index,
             prompt_ids=engine.chat_prompt(plan.messages, ANSWER_PREFIX),
@@ -626,8 +631,8 @@ class VariantGenerator:
                 continue
             if run.base_bad is None:
                 run.base_bad = list(job.bad_sequences)
-            brief = f"{run.request.brief.product} {run.request.brief.key_message}"
-            own = copy_sequences(engine.tokenizer, [v.headline for v in run.accepted], brief)
+            headlines = [v.headline for v in run.accepted]
+            own = copy_sequences(engine.tokenizer, headlines, _brief_words(run.request))
             job.bad_sequences = [*run.base_bad, *own]
 
     def _relevance_rule(self, request: GenerationRequest) -> Any:

@@ -24,7 +24,6 @@ from adloop.generator.decoding import (
     TokenRules,
     claim_sequences,
     copy_sequences,
-    example_headline_sequences,
     extra_end_probability,
     headline_frames,
     inspect,
@@ -214,7 +213,7 @@ def test_token_rules_ban_markup_and_unstated_figures(english_model: Path) -> Non
     assert zero not in rules.digit_ids_allowed_after("Save ", {"30"})
     assert rules.digit_ids_allowed_after("Save 3", {"30"}) == {zero}
     assert rules.digit_ids_allowed_after("Save 30", {"30"}) == set()
-    copies = example_headline_sequences(tokenizer, ["Run Light, Pay Less"])
+    copies = copy_sequences(tokenizer, ["Run Light, Pay Less"])
     assert copies and all(len(seq) >= 2 for seq in copies)
 
 
