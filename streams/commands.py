@@ -106,7 +106,12 @@ def ingest(**flags: Any) -> None:
     """Run the ingest stage: validate, join and pre-aggregate exchange events."""
     settings = load(**flags)
     _needs_broker(settings, "ingest")
+    from adloop.streams.heap import limit_arenas
     from adloop.streams.ingest import run_ingest
+
+    # Before RocksDB starts its threads: each thread arena would keep its own
+    # high-water mark (streams/heap.py).
+    limit_arenas()
 
     try:
         import uvloop

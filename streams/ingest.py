@@ -67,6 +67,7 @@ from adloop.streams.changelog import ChangeBatch, IngestChangelog
 from adloop.streams.config import Settings
 from adloop.streams.context import partition_contexts
 from adloop.streams.follower import Follower
+from adloop.streams.heap import HeapTrimmer, trim_heap
 from adloop.streams.join import (
     KEY_MISMATCH,
     PARKED,
@@ -543,6 +544,9 @@ class Ingest:
         self._hold_from: dict[int, dict[str, int]] = {}
         self._exported: dict[tuple[str, str], int] = {}
         self._next_gauges = 0.0
+        # RocksDB's threads and the fetched batches leave freed pages in the C heap
+        # (streams/heap.py): handed back every 30 s, so RSS follows what is in use.
+        self._trimmer = HeapTrimmer(30.0, next_at=time.monotonic() + 30.0)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -621,6 +625,8 @@ class Ingest:
                 continue
             await self.flush(force=False, idle=not batches)
             self._export_metrics()
+            if self._trimmer.due(time.monotonic()):
+                trim_heap(collect=False)
 
     def _export_metrics(self) -> None:
         """Counters to Prometheus, by difference (a labelled inc() per event would cost
