@@ -228,14 +228,18 @@ def _traffic(
     click_rates: tuple[float, ...],
     stop: Any,
     sent_counter: Any,
+    parent_pid: int,
 ) -> None:
     """Run in another process: ``rate`` events/s (impressions, each clicked with its
     creative's click rate, and those clicks), until ``stop`` is set; ``sent_counter``:
-    impressions + clicks sent."""
+    impressions + clicks sent. Dies with ``parent_pid``, the bench: killed, it would
+    otherwise go on sending for good."""
     from kafka import KafkaProducer
 
+    from adloop.streams.broker import die_with_parent
     from adloop.streams.kafka_io import kafka_python_kwargs
 
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     producer = KafkaProducer(
         **kafka_python_kwargs(
@@ -370,7 +374,7 @@ class Sustained:
         self._sent = ctx.Value("q", 0, lock=False)
         self._traffic = ctx.Process(
             target=_traffic,
-            args=(settings, config.rate, config.click_rates, self._stop, self._sent),
+            args=(settings, config.rate, config.click_rates, self._stop, self._sent, os.getpid()),
             name="adloop-bench-traffic",
         )
         self._broker = _broker_pid(settings)

@@ -89,8 +89,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _die_with_parent_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when its parent dies (Linux).
+def _die_with_parent_preexec(parent_pid: int | None = None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when its parent (this process,
+    or ``parent_pid``) dies (Linux).
 
     Everything is looked up here, in the parent, so the forked child only makes a few
     plain system calls before ``exec`` (no imports, no allocations that need locks).
@@ -103,7 +104,7 @@ def _die_with_parent_preexec() -> Callable[[], None] | None:
         return None
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
-    parent_pid = os.getpid()
+    parent_pid = os.getpid() if parent_pid is None else parent_pid
     getppid, kill, sigkill = os.getppid, os.kill, int(signal.SIGKILL)
 
     def preexec() -> None:
@@ -114,6 +115,13 @@ def _die_with_parent_preexec() -> Callable[[], None] | None:
             kill(os.getpid(), sigkill)
 
     return preexec
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """The same death signal for a child that already runs Python (a multiprocessing
+    target, which no ``preexec_fn`` reaches): call it first, with the parent's pid."""
+    if (arm := _die_with_parent_preexec(parent_pid)) is not None:
+        arm()
 
 
 def _tail(path: Path, lines: int = 20) -> str:

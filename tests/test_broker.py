@@ -406,3 +406,35 @@ def test_a_consumer_keeps_reading_a_partition_of_many_batches(
     expected = [(i, str(i).encode()) for i in range(batches - tail, batches)]
     assert read == expected, f"read {len(read)} of {tail} records"
     assert lags == {tp: 0}
+
+
+def test_a_python_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """A multiprocessing target armed with ``die_with_parent`` (the bench's traffic
+    sender) does not outlive a parent killed with SIGKILL."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing as mp, os, time
+            from adloop.streams.broker import die_with_parent
+
+            def child(parent_pid):
+                die_with_parent(parent_pid)
+                time.sleep(600)
+
+            if __name__ == "__main__":
+                proc = mp.get_context("spawn").Process(target=child, args=(os.getpid(),))
+                proc.start()
+                print(proc.pid, flush=True)
+                time.sleep(600)
+            """
+        )
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    # Killed before or after it armed the signal, the child exits (psutil waits on the
+    # pid, no sleep): a survivor raises TimeoutExpired.
+    child.wait(timeout=120)
