@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict
+from rocksdict import BlockBasedIndexType, BlockBasedOptions, Cache, Options, Rdict
 
 from adloop.schemas import (
     Click,
@@ -473,6 +473,16 @@ def open_store(path: Path) -> Rdict:
     # Most lookups are of new ids (is this impression a duplicate?): a bloom filter
     # answers "absent" without reading a data block.
     table.set_bloom_filter(10, False)
+    # ... in 4 KiB partitions under a pinned top-level index. One whole filter per SST
+    # file outgrows a shard of the 4 MiB cache once a file holds ~1 M ids (2.5 MB of
+    # filter at 2 M): it is then read and checked again on every lookup. Measured at
+    # 2 M ids in one file, a new id's lookup took 279 µs (1.5 µs at 500 k); partitioned,
+    # 1.5 µs at 2 M and 1.6 µs at 7.2 M (an hour at 2,000 events/s). In the soak the
+    # ingest's CPU had climbed from 9 % to 79 % at a constant event rate.
+    table.set_partition_filters(True)
+    table.set_index_type(BlockBasedIndexType.two_level_index_search())
+    table.set_metadata_block_size(4096)
+    table.set_pin_top_level_index_and_filter(True)
     options.set_block_based_table_factory(table)
     return Rdict(str(path), options)
 

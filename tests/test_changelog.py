@@ -222,3 +222,16 @@ def test_a_store_from_before_the_changelog_seeds_it(topics: Settings, tmp_path: 
     assert items(fresh) == items(old)
     old.close()
     fresh.close()
+
+
+def test_the_ingest_store_partitions_its_filters(tmp_path: Path) -> None:
+    """New ids are looked up in a bloom filter per SST file; whole, a big file's filter
+    outgrows the 4 MiB block cache and is read again on every lookup (279 µs instead
+    of 1.5 µs at 2 M ids). The store RocksDB writes says partitioned."""
+    db = open_store(tmp_path / "ingest")
+    db.put(b"i\x00\x00\x00\x00id", b"record")
+    db.close()
+    written = "\n".join(p.read_text() for p in (tmp_path / "ingest").glob("OPTIONS-*"))
+    assert "partition_filters=true" in written
+    assert "index_type=kTwoLevelIndexSearch" in written
+    assert "pin_top_level_index_and_filter=true" in written
