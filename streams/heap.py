@@ -18,12 +18,9 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger("adloop.heap")
 
 #: mallopt(3) parameter: the most malloc arenas a process creates.
 M_ARENA_MAX = -8
