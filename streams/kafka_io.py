@@ -180,3 +180,27 @@ class FetchWaitGovernor:
         fetcher = getattr(self.consumer, "_fetcher", None)
         if fetcher is not None:  # read when the next fetch request is built
             fetcher._fetch_max_wait_ms = wait_ms
+
+
+def librdkafka_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Settings as a librdkafka (confluent-kafka) configuration: the same broker,
+    security protocol, SASL login and TLS files as every adloop client. The bench's
+    exchange uses it: a foreign client, as an exchange's would be. ``kafka_options``
+    are aiokafka keyword arguments and are not translated; ``overrides`` take
+    librdkafka's names (``linger.ms``) and lose to nothing."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "security.protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        config["sasl.mechanism"] = settings.sasl_mechanism
+        config["sasl.username"] = settings.sasl_username
+        config["sasl.password"] = settings.sasl_password
+    tls_files = {
+        "ssl.ca.location": settings.ssl_cafile,
+        "ssl.certificate.location": settings.ssl_certfile,
+        "ssl.key.location": settings.ssl_keyfile,
+    }
+    config.update({k: v for k, v in tls_files.items() if v})
+    config.update(overrides)
+    return config

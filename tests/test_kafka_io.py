@@ -143,3 +143,33 @@ def test_partitions_the_poll_did_not_ask_for_never_lengthen_the_wait() -> None:
     for _ in range(3):
         governor.observe({}, among={A, B})
     assert governor.wait_ms == 10
+
+
+def test_librdkafka_config_carries_the_broker_login_and_tls_files() -> None:
+    from adloop.streams.config import Settings
+    from adloop.streams.kafka_io import librdkafka_config
+
+    settings = Settings(
+        broker="kafka://k1:9093,kafka://k2:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="exchange",
+        sasl_password="s3cret",
+        ssl_cafile="/etc/ca.pem",
+    )
+    config = librdkafka_config(settings, **{"linger.ms": 20})
+    assert config == {
+        "bootstrap.servers": "k1:9093,k2:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "exchange",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/etc/ca.pem",
+        "linger.ms": 20,
+    }
+    # librdkafka knows every name (it reads TLS files at once, so build it without them;
+    # building a producer does not connect).
+    from confluent_kafka import Producer
+
+    plain = settings.model_copy(update={"security_protocol": "SASL_PLAINTEXT", "ssl_cafile": None})
+    Producer(librdkafka_config(plain, **{"linger.ms": 20})).flush(0)
