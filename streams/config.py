@@ -165,6 +165,8 @@ class IngestSettings(BaseSettings):
     # Ingest batches: at most this many events / this many ms before a flush.
     ingest_batch_max_events: int = Field(default=20_000, gt=0)
     ingest_batch_max_ms: int = Field(default=20, ge=1)
+    # Records one fetch may bring per input partition (a larger record still comes, alone).
+    ingest_fetch_partition_bytes: int = Field(default=1 << 20, ge=64 << 10)
 
 
 class EngineSettings(BaseSettings):

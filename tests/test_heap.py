@@ -1,4 +1,5 @@
-"""streams/heap.py: the C heap's arena cap and trim (glibc), and the trim's timing."""
+"""Memory bounds of the roles: streams/heap.py (the C heap's arena cap and trim, and the
+trim's timing) and what the ingest may fetch ahead."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def test_arena_cap_and_trim_apply_on_glibc(monkeypatch: pytest.MonkeyPatch) -> N
     del blocks
     heap.trim_heap(collect=True)
     heap.trim_heap(collect=False)
+
+
+def test_the_ingest_fetches_at_most_the_configured_bytes_per_partition() -> None:
+    """What aiokafka holds besides the batch being counted is one fetch answer per
+    partition: the setting bounds it, and the default is 1 MiB."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+
+    from adloop.streams.config import Settings
+    from adloop.streams.ingest import ingest_consumer_kwargs
+
+    assert Settings(broker="kafka://k:9092").ingest_fetch_partition_bytes == 1 << 20
+    settings = Settings(broker="kafka://k:9092", ingest_fetch_partition_bytes=256 << 10)
+    kwargs = ingest_consumer_kwargs(settings)
+    assert kwargs["max_partition_fetch_bytes"] == 256 << 10
+
+    async def build() -> AIOKafkaConsumer:  # aiokafka takes every keyword (no connection)
+        return AIOKafkaConsumer(**kwargs)
+
+    asyncio.run(build())
